@@ -1,0 +1,30 @@
+"""The corrections users compare TRM against, under the same backend as configs/trm.py.
+
+  python -m trm_jax.main --config=configs/baselines.py:name=ppo_clip
+  python -m trm_jax.main --config=configs/baselines.py:name=tis        # token-level truncated IS
+  python -m trm_jax.main --config=configs/baselines.py:name=token_mask # IcePop / MIS ratio band
+  python -m trm_jax.main --config=configs/baselines.py:name=seq_is     # sequence-level truncated IS
+  python -m trm_jax.main --config=configs/baselines.py:name=geo_mask   # geometric-mean sequence mask
+  python -m trm_jax.main --config=configs/baselines.py:name=none       # no correction, plain IS surrogate
+
+Arguments: name, backend (as configs/trm.py), plus smoke, T, seed, steps, task. None of these mask
+by the maximum token divergence, so none certifies anything (paper section 2, Proposition).
+"""
+from trm_jax import config as config_lib
+
+NAMES = ("none", "ppo_clip", "tis", "token_mask", "seq_is", "geo_mask")
+
+
+def get_config(arg: str = ""):
+  args = config_lib.parse_arg(arg, name="ppo_clip", backend="bf16", **config_lib.COMMON_ARGS)
+  if args.name not in NAMES:
+    raise ValueError(f"config argument name must be one of {NAMES}, got {args.name!r}")
+  c = config_lib.apply_backend_preset(config_lib.default_config(), args.backend)
+  c.trm.criterion = "none"
+  c.trm.source = "recompute"  # no mask, but the exact mismatch is still measured and the bounds logged
+  if args.name == "none":
+    c.rl.loss = "is"  # the plain IS surrogate (Algorithm 1 without a mask)
+  else:
+    c.rl.loss = "ppo_clip"
+    c.baseline.kind = "none" if args.name == "ppo_clip" else args.name
+  return config_lib.apply_common_args(c, args)

@@ -1,0 +1,37 @@
+"""trm_jax: Trust Region Masking (arXiv 2512.23075) for long-horizon LLM RL in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="trm_jax",
+    version="0.1.0",
+    description="Trust Region Masking for long-horizon LLM reinforcement learning, in JAX/Flax NNX.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["trm_jax", "trm_jax.*"]),
+    python_requires=">=3.10",
+    # Loose pins: lower bounds are the versions this was built and tested with
+    # (jax 0.10 here, 0.11 on the GPU machines); pods run newer.
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.88",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources>=6.0",  # tfds.data_source without TensorFlow needs it
+        "array_record>=0.5",
+        "grain>=0.2",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "pyarrow>=14",  # parquet files for the math data builders
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # experiments/bench.py compares the sampler with HF transformers (PyTorch on CPU).
+        "bench": ["torch>=2.3", "transformers>=4.45"],
+    },
+)

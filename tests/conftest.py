@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices so every test can exercise sharding.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Tests compare against float64 references only where they ask for it explicitly.
+jax.config.update("jax_default_matmul_precision", "highest")

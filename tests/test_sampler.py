@@ -1,0 +1,193 @@
+"""Sampler: processed log-probs, logp == learner recomputation, cached == full kernel, EOS, determinism."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trm_jax.models import LEARNER, ModelConfig, Numerics, Transformer
+from trm_jax.rollout import processed_logprobs, sample, sample_groups, sequence_inputs
+
+V, P, T = 32, 6, 12
+
+
+def build(kind):
+  cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                    max_len=64, kind=kind, n_experts=4 if kind == "moe" else 0,
+                    experts_top_k=2 if kind == "moe" else 0)
+  with nnx.use_eager_sharding(False):
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def dense():
+  return build("dense")
+
+
+@pytest.fixture(scope="module")
+def moe():
+  return build("moe")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  lengths = jnp.array([6, 2, 4, 1, 5, 3, 6, 2])
+  mask = jnp.arange(P)[None] >= (P - lengths)[:, None]
+  tok = jax.random.randint(jax.random.key(0), (len(lengths), P), 3, V)
+  return jnp.where(mask, tok, 0), mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _recompute(graphdef, params, prompt, prompt_mask, response, response_mask, numerics=LEARNER):
+  """The learner's view: a full forward over prompt + response; logits predicting each response token."""
+  tokens, positions, valid = sequence_inputs(prompt, prompt_mask, response, response_mask)
+  model = nnx.merge(graphdef, params)
+  h, _, aux = model.hidden(tokens, positions, valid, numerics=numerics)
+  return model.unembed(h[:, P - 1:P - 1 + T], numerics=numerics), aux.get("routes")
+
+
+def recompute(graphdef, params, prompt, prompt_mask, out, temperature=1.0, top_p=1.0, top_k=0,
+              numerics=LEARNER):
+  """(processed log-probs of the sampled tokens [B,T], raw logits [B,T,V], routes) as the learner sees them."""
+  logits, routes = _recompute(graphdef, params, prompt, prompt_mask, out.tokens, out.mask, numerics)
+  lp = processed_logprobs(logits, temperature, top_p, top_k)
+  return jnp.take_along_axis(lp, out.tokens[..., None], axis=-1)[..., 0], logits, routes
+
+
+# ----------------------------------------------------------------------------- processed_logprobs
+
+
+def test_processed_logprobs_hand_computed():
+  logits = jnp.array([0.0, 1.0, 2.0, 3.0])
+  np.testing.assert_allclose(processed_logprobs(logits), jax.nn.log_softmax(logits), rtol=1e-6)
+  np.testing.assert_allclose(processed_logprobs(logits, temperature=2.0),
+                             jax.nn.log_softmax(logits / 2), rtol=1e-6)
+  # top_k=2 keeps {2, 3}: p = softmax([2, 3]).
+  p = np.exp(processed_logprobs(logits, top_k=2))
+  np.testing.assert_allclose(p, [0, 0, 1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
+  # softmax = [.032, .087, .237, .644]: top_p=0.7 keeps {3, 2}; top_p=0.6 keeps {3} alone.
+  p = np.exp(processed_logprobs(logits, top_p=0.7))
+  np.testing.assert_allclose(p, [0, 0, 1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
+  np.testing.assert_allclose(np.exp(processed_logprobs(logits, top_p=0.6)), [0, 0, 0, 1])
+  # top_k first (keeps {1,2,3}, renormalised), then top_p on the renormalised mass.
+  q = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()  # [.090, .245, .665]
+  p = np.exp(processed_logprobs(logits, top_k=3, top_p=0.9))
+  np.testing.assert_allclose(p, [0, 0, q[1] / (q[1] + q[2]), q[2] / (q[1] + q[2])], rtol=1e-6)
+  with pytest.raises(ValueError, match="temperature"):
+    processed_logprobs(logits, temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+# Each setting is one compiled sampler; the other tests reuse the first (temperature 0.7).
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 1.0, 0), (1.0, 1.0, 5), (1.3, 0.8, 0)])
+def test_logp_equals_recomputation(dense, prompts, temperature, top_p, top_k):
+  g, params = dense
+  settings = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+  out = sample(g, params, *prompts, jax.random.key(1), max_new_tokens=T, **settings)
+  logp, _, _ = recompute(g, params, *prompts, out, temperature, top_p, top_k)
+  m = out.mask > 0
+  assert out.tokens.shape == out.logp.shape == out.mask.shape == (8, T)
+  assert bool(jnp.all(jnp.isfinite(out.logp)))
+  np.testing.assert_allclose(out.logp[m], logp[m], atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(out.logp[~m], 0.0)
+  if top_k:
+    # Every sampled token is inside the top-k of the learner's recomputed logits.
+    _, logits, _ = recompute(g, params, *prompts, out)
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1]
+    assert bool(jnp.all(jnp.take_along_axis(logits, out.tokens[..., None], -1)[..., 0][m] >= kth[m]))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_full_and_cached_kernels_agree(kind, prompts, request):
+  g, params = request.getfixturevalue(kind)
+  kw = dict(max_new_tokens=T, temperature=0.9, return_logits=True, topk=4)
+  cached = sample(g, params, *prompts, jax.random.key(2), kernel="cached", **kw)
+  full = sample(g, params, *prompts, jax.random.key(2), kernel="full", **kw)
+  np.testing.assert_array_equal(cached.tokens, full.tokens)
+  np.testing.assert_array_equal(cached.mask, full.mask)
+  np.testing.assert_allclose(cached.logp, full.logp, atol=1e-5)
+  np.testing.assert_allclose(cached.logits, full.logits, atol=1e-5)
+  # Stored rollout logits are the raw logits; top-k are those of the processed distribution.
+  lp = processed_logprobs(cached.logits, 0.9)
+  vals, ids = jax.lax.top_k(lp, 4)
+  np.testing.assert_allclose(cached.topk_logp, vals, atol=1e-6)
+  np.testing.assert_array_equal(cached.topk_ids, ids)
+  _, logits, routes = recompute(g, params, *prompts, cached)
+  m = cached.mask > 0
+  np.testing.assert_allclose(cached.logits[m], logits[m], atol=1e-5)
+  if kind == "moe":
+    assert cached.routes.shape == (2, 8, T, 2)
+    np.testing.assert_array_equal(cached.routes, full.routes)
+    live = jnp.broadcast_to(m, cached.routes.shape[:-1])
+    np.testing.assert_array_equal(cached.routes[live], routes[:, :, P:][live])
+  else:
+    assert cached.routes is None and full.routes is None
+
+
+def test_bf16_sampler_matches_bf16_recompute_loosely(moe, prompts):
+  """Under bf16 numerics the sampler's logp is the same function up to bf16 rounding of the kernels."""
+  g, params = moe
+  n = Numerics(dtype="bfloat16", weight_dtype="bfloat16")
+  out = sample(g, params, *prompts, jax.random.key(3), max_new_tokens=T, numerics=n)
+  logp, _, _ = recompute(g, params, *prompts, out, numerics=n)
+  m = out.mask > 0
+  diff = jnp.abs(out.logp - logp)[m]
+  assert 0 < float(jnp.max(diff)) and float(jnp.mean(diff)) < 0.05
+
+
+def test_eos_and_mask(dense, prompts):
+  g, params = dense
+  rng = jax.random.key(4)
+  kw = dict(max_new_tokens=T, temperature=0.7)
+  free = sample(g, params, *prompts, rng, eos_id=-1, pad_id=0, **kw)  # -1 never sampled
+  np.testing.assert_array_equal(free.mask, 1.0)
+  eos = int(free.tokens[0, 3])  # a token that certainly occurs, so at least row 0 stops early
+  out = sample(g, params, *prompts, rng, eos_id=eos, pad_id=0, **kw)
+  n_stopped = 0
+  for i in range(free.tokens.shape[0]):
+    hits = np.flatnonzero(np.asarray(free.tokens[i]) == eos)
+    e = int(hits[0]) if len(hits) else T - 1
+    n_stopped += bool(len(hits)) and e < T - 1
+    np.testing.assert_array_equal(out.tokens[i, :e + 1], free.tokens[i, :e + 1])
+    np.testing.assert_array_equal(out.tokens[i, e + 1:], 0)
+    np.testing.assert_array_equal(out.mask[i], (np.arange(T) <= e).astype(np.float32))
+    np.testing.assert_array_equal(out.logp[i, e + 1:], 0.0)
+    np.testing.assert_allclose(out.logp[i, :e + 1], free.logp[i, :e + 1], atol=1e-6)
+  assert n_stopped >= 1
+
+
+def test_deterministic_given_rng(dense, prompts):
+  g, params = dense
+  kw = dict(max_new_tokens=T, temperature=0.7)
+  a = sample(g, params, *prompts, jax.random.key(5), **kw)
+  b = sample(g, params, *prompts, jax.random.key(5), **kw)
+  c = sample(g, params, *prompts, jax.random.key(6), **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logp, b.logp)
+  assert float(jnp.mean(a.tokens != c.tokens)) > 0.5
+
+
+def test_sample_groups(dense, prompts):
+  g, params = dense
+  prompt, mask = prompts[0][:2], prompts[1][:2]
+  kw = dict(max_new_tokens=T, temperature=0.7)
+  out = sample_groups(g, params, prompt, mask, jax.random.key(7), group_size=4, **kw)
+  ref = sample(g, params, jnp.repeat(prompt, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(7), **kw)
+  assert out.tokens.shape == (8, T)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  # The G samples of one prompt differ from each other.
+  assert len({tuple(np.asarray(r)) for r in out.tokens[:4]}) == 4
+
+
+def test_bad_arguments(dense, prompts):
+  g, params = dense
+  with pytest.raises(ValueError, match="kernel"):
+    sample(g, params, *prompts, jax.random.key(0), max_new_tokens=T, kernel="paged")
+  with pytest.raises(ValueError, match="top_p"):
+    sample(g, params, *prompts, jax.random.key(0), max_new_tokens=T, top_p=0.0)
+  with pytest.raises(ValueError, match="max_len"):
+    sample(g, params, *prompts, jax.random.key(0), max_new_tokens=64)

@@ -1,0 +1,295 @@
+"""The config tree: one place for every default, and `validate(config)`.
+
+Config files in `configs/` start from `default_config()` and change fields; the CLI overrides them
+(`--config.trm.delta=0.05`). Every field is commented here, once. Unknown keys are errors because
+the tree is locked: a typo such as `--config.trm.detla` fails instead of silently doing nothing
+(a pitfall seen in verl's renames, ../shared/spec/peers.md).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Names accepted by the config; the learner dispatches on them.
+CRITERIA = ("none", "max", "avg", "max_avg", "tv", "ln", "ser")
+DIVERGENCES = ("exact", "k1", "k2", "k3", "abs_log", "tv_est")
+SOURCES = ("sampled", "stored", "topk", "recompute")
+BASELINES = ("none", "tis", "token_mask", "seq_is", "geo_mask")
+ADVANTAGES = ("grpo", "rloo", "dr_grpo")
+LOSSES = ("ppo_clip", "is")
+AGGREGATIONS = ("seq_total", "token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+RATIO_BASES = ("rollout", "learner")
+SCHEDULES = ("constant", "cosine")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of the tree with its default; `configs/*.py` start from this."""
+  # Imported here so `trm_jax.config` stays cheap to import for tools that only validate.
+  from trm_jax.data.pipeline import default_data_config
+  from trm_jax.models import default_model_config
+  from trm_jax.rollout.backends import default_backend_config
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed: init, data order, sampling; a run is a function of (config, seed)
+
+  c.model = default_model_config()  # size/kind/dims/dtypes of the policy (trm_jax/models)
+  c.data = default_data_config()  # task, horizon T, data_dir, split sizes (trm_jax/data)
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.temperature = 1.0  # the paper samples at temperature 1
+  c.rollout.top_p = 1.0  # < 1 truncates the rollout distribution (a mismatch source of its own)
+  c.rollout.top_k = 0  # 0 = off
+  c.rollout.backend = default_backend_config()  # precision / kernel / router / staleness / noise
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.steps = 40  # RL steps (one rollout batch and one learner update each)
+  c.rl.prompts_per_step = 8  # prompts per rollout batch (paper: 32)
+  c.rl.group_size = 4  # responses per prompt, G (paper: 16)
+  c.rl.advantage = "grpo"  # grpo | rloo | dr_grpo
+  c.rl.loss = "ppo_clip"  # ppo_clip | is (the plain IS surrogate of the paper's Algorithm 1)
+  c.rl.clip_low = 0.2  # PPO ratio floor 1 - clip_low (paper: 0.8)
+  c.rl.clip_high = 0.28  # PPO ratio ceiling 1 + clip_high (clip-higher; paper: 1.28)
+  c.rl.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off
+  c.rl.aggregation = "seq_total"  # seq_total (paper: / total N) | token_mean | seq_mean_token_sum | seq_mean_token_mean
+  c.rl.ratio_base = "rollout"  # PPO ratio against pi_roll (paper) or the learner's pre-update policy (decoupled PPO)
+  c.rl.epochs = 1  # passes over each rollout batch
+  c.rl.minibatches = 1  # optimizer steps per pass; prompts_per_step * group_size must divide evenly
+
+  c.trm = ml_collections.ConfigDict()
+  c.trm.criterion = "max"  # none | max | avg | max_avg | tv (max_t TV <= eps) | ln | ser (paper section 3)
+  c.trm.divergence = "exact"  # per-position divergence for the max criterion: exact | k1 | k2 | k3 | abs_log | tv_est
+  c.trm.divergence_avg = "exact"  # ... and for the avg criterion (co-released code: k3)
+  c.trm.source = "recompute"  # rollout side: sampled (estimators only) | stored logits | topk | recompute
+  c.trm.topk = 8  # K kept per position when source = topk
+  c.trm.delta = 0.05  # TRM-Max threshold on max_t KL (paper: 0.05; loose 0.1)
+  c.trm.delta_avg = 0.001  # TRM-Avg threshold on mean_t KL (paper: 0.001; loose 0.002)
+  c.trm.eps = 0.05  # TV radius: threshold on max_t TV (criterion=tv) and LN-TRM's eps
+  c.trm.delta_w = 0.05  # LN-TRM threshold on W/Z
+  c.trm.delta_ser = 0.05  # SER threshold (recommended 0.03..0.10)
+  c.trm.length_buckets = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)  # accept rate by length
+
+  c.baseline = ml_collections.ConfigDict()
+  c.baseline.kind = "none"  # none | tis | token_mask | seq_is | geo_mask (composed with the TRM mask)
+  c.baseline.tis_cap = 2.0  # token TIS cap on rho
+  c.baseline.token_low = 0.5  # token ratio band (IcePop / MIS) lower edge
+  c.baseline.token_high = 2.0  # ... upper edge
+  c.baseline.seq_cap = 2.0  # sequence TIS cap on prod_t rho
+  c.baseline.geo_low = 0.999  # geometric-mean sequence mask band
+  c.baseline.geo_high = 1.001
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4  # peak learning rate of the RL stage (paper: 1e-6 at 8B)
+  c.optim.schedule = "constant"  # constant | cosine
+  c.optim.warmup_steps = 0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
+
+  c.warmstart = ml_collections.ConfigDict()
+  c.warmstart.steps = 300  # supervised steps on correct solutions before RL; 0 = none
+  c.warmstart.batch_size = 32
+  c.warmstart.lr = 3e-3
+
+  c.learner = ml_collections.ConfigDict()
+  c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
+  c.learner.remat = True  # rematerialise each chunk's logits in the backward pass (memory: one chunk)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 10  # RL steps between evaluations; 0 = never
+  c.eval.num_prompts = 32  # held-out prompts per evaluation (greedy-free: sampled at eval.temperature)
+  c.eval.temperature = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize() (multi-host pods)
+  c.distributed.coordinator_address = ""  # "" = auto-detect (TPU / SLURM)
+  c.distributed.num_processes = 0  # 0 = auto
+  c.distributed.process_id = -1  # -1 = auto
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10  # RL steps between checkpoints (and at the end); 0 = only at the end
+  c.checkpoint.keep = 2  # newest checkpoints kept
+  c.checkpoint.resume = True  # resume from the newest checkpoint in --workdir
+
+  c.log = ml_collections.ConfigDict()
+  c.log.tensorboard = True  # event files next to metrics.jsonl
+  c.log.progress = True  # tqdm progress bar with ETA
+  c.log.plot = True  # curves.png in the workdir at the end
+
+  c.lock()
+  return c
+
+
+def _one_of(config, path, allowed):
+  value = config
+  for key in path.split("."):
+    value = value[key]
+  if value not in allowed:
+    raise ValueError(f"config.{path} must be one of {allowed}, got {value!r}")
+
+
+def _check(cond: bool, path: str, msg: str):
+  if not cond:
+    raise ValueError(f"config.{path} {msg}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Rejects bad values with a message naming the field; returns the config for chaining.
+
+  Unknown keys: the reference tree is `default_config()`; any key not in it (at any depth) is an
+  error, so a config file cannot silently add a field nobody reads.
+  """
+  _check_known_keys(config, default_config(), "")
+  for path, allowed in [("trm.criterion", CRITERIA), ("trm.divergence", DIVERGENCES),
+                        ("trm.divergence_avg", DIVERGENCES), ("trm.source", SOURCES),
+                        ("baseline.kind", BASELINES), ("rl.advantage", ADVANTAGES),
+                        ("rl.loss", LOSSES), ("rl.aggregation", AGGREGATIONS),
+                        ("rl.ratio_base", RATIO_BASES), ("optim.schedule", SCHEDULES)]:
+    _one_of(config, path, allowed)
+  _check(config.trm.delta > 0, "trm.delta", f"must be > 0, got {config.trm.delta}")
+  _check(config.trm.delta_avg > 0, "trm.delta_avg", f"must be > 0, got {config.trm.delta_avg}")
+  _check(config.trm.eps > 0, "trm.eps", f"must be > 0, got {config.trm.eps}")
+  _check(config.trm.delta_w > 0, "trm.delta_w", f"must be > 0, got {config.trm.delta_w}")
+  _check(config.trm.delta_ser > 0, "trm.delta_ser", f"must be > 0, got {config.trm.delta_ser}")
+  _check(config.trm.topk >= 1, "trm.topk", f"must be >= 1, got {config.trm.topk}")
+  used = {"max": ("divergence",), "tv": ("divergence",), "avg": ("divergence_avg",),
+          "max_avg": ("divergence", "divergence_avg")}.get(config.trm.criterion, ())
+  exact_needed = any(config.trm[f] == "exact" for f in used)
+  _check(not (exact_needed and config.trm.source == "sampled"), "trm.source",
+         "is 'sampled' (sampled-token log-probs only) but trm.divergence / trm.divergence_avg asks for "
+         "'exact'; use source=stored|topk|recompute or an estimator (k1|k2|k3|abs_log|tv_est)")
+  _check(list(config.trm.length_buckets) == sorted(config.trm.length_buckets), "trm.length_buckets",
+         "must be increasing")
+  _check(config.rl.steps >= 0, "rl.steps", f"must be >= 0, got {config.rl.steps}")
+  _check(config.rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
+  _check(config.rl.group_size >= 1, "rl.group_size", "must be >= 1")
+  _check(0 <= config.rl.clip_low < 1, "rl.clip_low", f"must be in [0, 1), got {config.rl.clip_low}")
+  _check(config.rl.clip_high >= 0, "rl.clip_high", f"must be >= 0, got {config.rl.clip_high}")
+  _check(config.rl.dual_clip == 0 or config.rl.dual_clip > 1, "rl.dual_clip",
+         f"must be 0 (off) or > 1, got {config.rl.dual_clip}")
+  _check(config.rl.epochs >= 1, "rl.epochs", "must be >= 1")
+  batch = config.rl.prompts_per_step * config.rl.group_size
+  _check(config.rl.minibatches >= 1 and batch % config.rl.minibatches == 0, "rl.minibatches",
+         f"must divide rl.prompts_per_step * rl.group_size = {batch}, got {config.rl.minibatches}")
+  _check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0")
+  _check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+  _check(config.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
+  _check(config.optim.lr >= 0, "optim.lr", "must be >= 0")
+  _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+  _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
+  _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
+  for axis in ("data", "fsdp", "tensor"):
+    size = config.mesh[axis]
+    _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (auto) or >= 1, got {size}")
+  _check([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
+         "may auto-fill (-1) at most one axis")
+  _check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  # The sub-trees own their own checks (they know their fields best).
+  from trm_jax.rollout.backends import backend_from_config
+  backend_from_config(config.rollout.backend)
+  return config
+
+
+def _check_known_keys(config, reference, prefix):
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      raise ValueError(f"config.{path} is not a known field (known here: {sorted(reference.keys())})")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(reference[key], ml_collections.ConfigDict):
+        raise ValueError(f"config.{path} must be a value, not a sub-tree")
+      _check_known_keys(config[key], reference[key], path + ".")
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style config arguments: "smoke,T=256,delta=0.05" -> ConfigDict with typed values.
+
+  Every key must be declared in `defaults` (its type converts the string); a bare word sets a bool.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not known; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if not eq:
+      if kind is not bool:
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = kind(value)
+  return out
+
+
+COMMON_ARGS = dict(smoke=False, T=0, seed=-1, steps=-1, task="")
+
+
+def apply_common_args(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict):
+  """The arguments every config file accepts: smoke, T (horizon), seed, steps, task."""
+  if args.smoke:  # a laptop-sized run that finishes in under a minute on 2 CPU cores
+    config.model.size = "tiny"
+    config.data.horizon = 32
+    config.data.num_train = 256
+    config.data.num_eval = 64
+    config.warmstart.steps = 20
+    config.warmstart.batch_size = 16
+    config.rl.steps = 3
+    config.rl.prompts_per_step = 4
+    config.rl.group_size = 2
+    config.eval.every = 3
+    config.eval.num_prompts = 8
+    config.checkpoint.every = 0
+  if args.T:
+    config.data.horizon = args.T
+  if args.seed >= 0:
+    config.seed = args.seed
+  if args.steps >= 0:
+    config.rl.steps = args.steps
+  if args.task:
+    config.data.task = args.task
+  return config
+
+
+# Named rollout-backend presets shared by configs/*.py (the mismatch sources of paper App. A).
+BACKEND_PRESETS = {
+    # bf16 rollout with a different attention reduction order (an inference server's kernels).
+    "bf16": dict(precision="bfloat16", attention="alt_order"),
+    # MoE routing flips: the router runs in bf16 with tiny jitter at rollout (needs model.kind=moe).
+    "moe": dict(precision="bfloat16", moe_router="jitter", router_jitter=0.02),
+    # An asynchronous pipeline: rollout parameters two updates old.
+    "stale": dict(staleness_k=2),
+    # Heavy-tailed logit noise for controlled studies.
+    "noise": dict(logit_noise_scale=0.05, logit_noise_df=2.0),
+}
+
+
+def apply_backend_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name not in BACKEND_PRESETS:
+    raise ValueError(f"config argument backend must be one of {sorted(BACKEND_PRESETS)}, got {name!r}")
+  for k, v in BACKEND_PRESETS[name].items():
+    config.rollout.backend[k] = v
+  if name == "moe":
+    config.model.kind = "moe"
+  return config
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted keys ({"trm.delta": 0.02}) on a copy; unknown keys raise naming the key."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    node, *path = config, *dotted.split(".")
+    for key in path[:-1]:
+      if key not in node:
+        raise ValueError(f"config.{dotted}: {key!r} is not a known field")
+      node = node[key]
+    if path[-1] not in node:
+      raise ValueError(f"config.{dotted} is not a known field")
+    node[path[-1]] = value
+  config.lock()
+  return config

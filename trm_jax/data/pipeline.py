@@ -1,0 +1,141 @@
+"""Input pipeline: tfds.data_source -> grain -> fixed-shape numpy batches for rollout and warm start.
+
+`make_iterator(data_cfg, "train", batch_size=64, seed=0)` yields host-local dicts of numpy arrays:
+
+  prompt [b, P] int32   BOS + prompt text, LEFT padded (every response then starts at position P)
+  prompt_mask [b, P]    1 on real tokens
+  answer [b, A] int32   reference final answer, right padded (the reward compares against it)
+  answer_mask [b, A]
+  target [b, T] int32   correct response + EOS, right padded (supervised warm start)
+  target_mask [b, T]
+
+P, A, T come from `tasks.get_task(data_cfg.task, data_cfg.horizon, ...)`. Order: source -> this host's
+shard (`[process_index::process_count]`, before shuffling so hosts never share examples) -> shuffle(seed)
+-> repeat (reshuffled per epoch) -> [warm-start noise] -> tokenize/pad -> batch(drop_remainder). The
+iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` restore the exact next batches.
+"""
+from __future__ import annotations
+
+import functools
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from trm_jax.data import builders, tasks
+from trm_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, _pad_batch
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults of the `data` config subtree; every field commented here, once."""
+  c = ml_collections.ConfigDict()
+  c.task = "running_sum"       # a key of tasks.TASKS
+  c.horizon = 64               # T: max response tokens incl. EOS; the primary difficulty knob
+  c.size = 0                   # max problem size n (digits); 0 = the largest whose solution fits T
+  c.min_size = 0               # n is drawn uniformly in [min_size, size]; 0 = size (fixed length)
+  c.data_dir = ""              # where TFDS datasets live; "" = TFDS default (~/tensorflow_datasets
+  #                              or $TFDS_DATA_DIR); built there on first use, in seconds
+  c.num_train = builders.DEFAULT_NUM_TRAIN  # examples in the train split
+  c.num_eval = builders.DEFAULT_NUM_EVAL    # examples in each of the validation and test splits
+  c.warmstart_noise = 0.0      # fraction of warm-start targets whose answer digits are corrupted, so a
+  #                              warm-started model's reward starts below 1 and RL has room to improve
+  c.num_threads = 4            # grain reader threads (the per-element work is a numpy lookup)
+  c.prefetch = 8               # grain prefetch buffer (batches' worth of elements is plenty)
+  c.math_manual_dir = ""       # directory holding DAPO-Math / AIME files (see math_data.py)
+  return c
+
+
+def task_from_config(data_cfg) -> tasks.Task:
+  """The `Task` the config names (validates task, horizon, size, min_size)."""
+  return tasks.get_task(data_cfg.task, data_cfg.horizon, data_cfg.size or None,
+                        data_cfg.min_size or None)
+
+
+def encode_examples(examples, task: tasks.Task, tokenizer: Tokenizer | None = None) -> dict:
+  """Tokenizes examples (dicts or `Example`s, str or bytes fields) into the batch dict of arrays."""
+  tok = tokenizer or Tokenizer()
+  get = lambda ex, k: ex[k] if isinstance(ex, dict) else getattr(ex, k)
+  bos, eos = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)
+  prompt, prompt_mask = _pad_batch(
+      [np.concatenate([bos, tok.encode_np(get(e, "prompt"))]) for e in examples], task.prompt_len,
+      pad_left=True)
+  answer, answer_mask = _pad_batch([tok.encode_np(get(e, "answer")) for e in examples],
+                                   task.answer_len, pad_left=False)
+  target, target_mask = _pad_batch(
+      [np.concatenate([tok.encode_np(get(e, "solution")), eos]) for e in examples],
+      task.response_len, pad_left=False)
+  return dict(prompt=prompt, prompt_mask=prompt_mask, answer=answer, answer_mask=answer_mask,
+              target=target, target_mask=target_mask)
+
+
+def _encode_one(ex: dict, task: tasks.Task, tok: Tokenizer) -> dict:
+  return {k: v[0] for k, v in encode_examples([ex], task, tok).items()}
+
+
+def corrupt_answer(ex: dict, rng: np.random.Generator, noise: float) -> dict:
+  """With probability `noise`, replaces every answer digit in the solution by a different random digit.
+
+  Only `solution` (the warm-start target) changes; `answer` stays the reference, so a model that learns
+  the noisy targets earns reward < 1 on those examples.
+  """
+  if rng.random() >= noise:
+    return ex
+  sol = ex["solution"].decode() if isinstance(ex["solution"], bytes) else ex["solution"]
+  cut = sol.rindex(tasks.DELIMITER) + 1
+  tail = [str((int(c) + int(rng.integers(1, 10))) % 10) if c.isdigit() else c for c in sol[cut:]]
+  return {**ex, "solution": sol[:cut] + "".join(tail)}
+
+
+def data_source(data_cfg, split: str):
+  """The random-access TFDS source for `split`, building the dataset first if it is missing."""
+  c = data_cfg
+  config = builders.config_arg(c.task, c.horizon, size=c.size, min_size=c.min_size,
+                               num_train=c.num_train, num_eval=c.num_eval)
+  return tfds.data_source(
+      "trm_tasks", split=split, data_dir=c.data_dir or None, download=True,
+      builder_kwargs={"config": config},
+      download_and_prepare_kwargs={
+          "download_config": tfds.download.DownloadConfig(try_download_gcs=False)})
+
+
+def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
+                  num_epochs: int | None = None, noise: float = 0.0, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+  """Iterator of host-local batch dicts (module docstring); deterministic given `seed`.
+
+  Args:
+    data_cfg: the `data` ConfigDict (`default_data_config()`).
+    split: "train", "validation" or "test".
+    batch_size: per-host batch size b (the last partial batch of a finite pass is dropped).
+    seed: shuffle / noise seed.
+    shuffle: shuffle each epoch (eval passes use False).
+    num_epochs: None = repeat forever.
+    noise: warm-start target corruption probability (see `corrupt_answer`).
+    process_index, process_count: this host's shard; default jax.process_index()/process_count().
+  """
+  task = task_from_config(data_cfg)
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  ds = grain.MapDataset.source(data_source(data_cfg, split))
+  # Equal shard sizes keep hosts in lockstep (same number of batches per epoch).
+  ds = ds[: len(ds) // count * count][index::count]
+  if len(ds) < batch_size:
+    raise ValueError(f"batch_size={batch_size} exceeds this host's {len(ds)} {split!r} examples")
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if noise > 0:
+    ds = ds.random_map(functools.partial(corrupt_answer, noise=noise), seed=seed)
+  ds = ds.map(functools.partial(_encode_one, task=task, tok=Tokenizer()))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
+  return iter(ds.to_iter_dataset(read))
+
+
+def warmstart_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int,
+                       **kwargs) -> grain.DatasetIterator:
+  """Supervised warm-start batches: `make_iterator` with `data_cfg.warmstart_noise` target noise."""
+  return make_iterator(data_cfg, split, batch_size=batch_size, seed=seed,
+                       noise=data_cfg.warmstart_noise, **kwargs)

@@ -1,0 +1,149 @@
+"""Learner (and recomputed rollout) log-probs of a response, chunked over time.
+
+At long horizons the [B, T, V] float32 logits are the memory wall (T = 32k, V = 150k is ~20 GB per
+sequence). Everything here runs the transformer once to hidden states [B, T, D] and then maps over
+time chunks: unembed a chunk [B, C, D] -> [B, C, V] logits, reduce it to per-token numbers
+(log-prob of the sampled token, entropy, divergences) and drop it. With `remat`, the backward pass
+recomputes each chunk's logits instead of storing them, so memory holds one chunk of logits.
+
+Sequence layout (see trm_jax/rollout): prompts are LEFT padded to P, the response follows, so the
+hidden state that predicts response token t sits at position P - 1 + t for every row.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from trm_jax import divergence
+from trm_jax.rollout.sampling import processed_logprobs
+
+
+def sequence_inputs(prompt, prompt_mask, response, response_mask):
+  """Concatenates prompt and response; positions count valid tokens only (left padding)."""
+  tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
+  valid = jnp.concatenate([prompt_mask, response_mask], axis=1) > 0
+  positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+  return tokens, positions, valid
+
+
+def response_hidden(model, prompt, prompt_mask, response, response_mask, *, numerics):
+  """Hidden states that predict each response token: [B, T, D], plus the model's aux (MoE routes)."""
+  tokens, positions, valid = sequence_inputs(prompt, prompt_mask, response, response_mask)
+  # Response tokens after EOS are padding; keep them out of every key set but still compute them.
+  h, _, aux = model.hidden(tokens, positions, valid, numerics=numerics)
+  p, t = prompt.shape[1], response.shape[1]
+  return h[:, p - 1:p - 1 + t], aux
+
+
+def map_chunks(fn: Callable, chunk: int, *arrays, remat: bool = False):
+  """Applies fn to time chunks of [B, T, ...] arrays and concatenates the [B, C, ...] outputs.
+
+  T is padded to a multiple of `chunk` (padded rows are computed and cut off). Inside a compiled
+  program lax.map runs the chunks one after another, so at most one chunk's temporaries are live.
+  """
+  t = arrays[0].shape[1]
+  chunk = max(1, min(chunk, t))
+  n = -(-t // chunk)
+  pad = n * chunk - t
+
+  def split(x):
+    if x is None:
+      return None
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)  # [n, B, C, ...]
+
+  body = jax.checkpoint(fn) if remat else fn
+  out = jax.lax.map(lambda xs: body(*xs), tuple(split(a) for a in arrays))
+
+  def merge(y):
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :t]
+
+  return jax.tree.map(merge, out)
+
+
+def default_chunk(t: int, chunk_size: int) -> int:
+  return chunk_size if chunk_size > 0 else min(t, 128)
+
+
+def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, remat: bool = True):
+  """Per-token log-prob [B, T] and entropy [B, T] of the learner, differentiable, chunked.
+
+  The learner's policy is the model's softmax at the sampling temperature (top-p / top-k shape only
+  what the rollout engine samples from; they are a mismatch the divergences measure).
+  """
+  def one(h_c, tok_c):
+    logp_v = processed_logprobs(model.unembed(h_c, numerics=numerics), temperature, 1.0, 0)
+    logp = jnp.take_along_axis(logp_v, tok_c[..., None], axis=-1)[..., 0]
+    return logp, divergence.entropy(logp_v)
+
+  return map_chunks(one, chunk, h, tokens, remat=remat)
+
+
+def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk: int, rollout_side=None):
+  """One no-grad pass over time chunks: learner log-probs, entropy and, if given, exact divergences.
+
+  Args:
+    learner: the learner model (merged NNX module); h_learner: [B, T, D] hidden states.
+    tokens: [B, T] response tokens.
+    sampling: (temperature, top_p, top_k) of the rollout engine.
+    rollout_side: how to get the rollout distribution of a chunk, one of
+      ("recompute", rollout_model, h_rollout [B,T,D], rollout_numerics)  exact, never stored whole;
+      ("stored", logits [B,T,V])                                          exact, memory heavy;
+      ("topk", topk_logp [B,T,K], topk_ids [B,T,K])                       bounds (see divergence);
+      None                                                                sampled estimators only.
+  Returns:
+    dict of [B, T] float32: learner_logp, entropy, and for exact sides rollout_logp_recomputed, kl,
+    kl_reverse, tv (topk: kl = the lower bound kl_lower, tv = the upper bound).
+  """
+  temperature, top_p, top_k = sampling
+  kind = rollout_side[0] if rollout_side else None
+
+  def learner_part(h_c, tok_c):
+    logp_v = processed_logprobs(learner.unembed(h_c, numerics=learner_numerics), temperature, 1.0, 0)
+    return logp_v, {"learner_logp": jnp.take_along_axis(logp_v, tok_c[..., None], axis=-1)[..., 0],
+                    "entropy": divergence.entropy(logp_v)}
+
+  def with_rollout_logp(logp_v, out, roll_v, tok_c):
+    out["rollout_logp_recomputed"] = jnp.take_along_axis(roll_v, tok_c[..., None], axis=-1)[..., 0]
+    out.update(divergence.divergences_from_logprobs(roll_v, logp_v))
+    return out
+
+  if kind == "recompute":
+    _, rollout_model, h_roll, roll_numerics = rollout_side
+
+    def one(h_c, tok_c, hr_c):
+      logp_v, out = learner_part(h_c, tok_c)
+      roll_v = processed_logprobs(rollout_model.unembed(hr_c, numerics=roll_numerics), temperature, top_p, top_k)
+      return with_rollout_logp(logp_v, out, roll_v, tok_c)
+
+    extra = (h_roll,)
+  elif kind == "stored":
+    def one(h_c, tok_c, logits_c):
+      logp_v, out = learner_part(h_c, tok_c)
+      roll_v = processed_logprobs(logits_c.astype(jnp.float32), temperature, top_p, top_k)
+      return with_rollout_logp(logp_v, out, roll_v, tok_c)
+
+    extra = (rollout_side[1],)
+  elif kind == "topk":
+    def one(h_c, tok_c, tl_c, ti_c):
+      logp_v, out = learner_part(h_c, tok_c)
+      # log-probs are logits whose log_softmax is themselves.
+      d = divergence.topk_divergences(tl_c, ti_c, logp_v)
+      out.update(kl=d["kl_lower"], tv=d["tv"], kl_reverse=jnp.zeros_like(d["tv"]))
+      return out
+
+    extra = (rollout_side[1], rollout_side[2])
+  elif kind is None:
+    def one(h_c, tok_c):
+      return learner_part(h_c, tok_c)[1]
+
+    extra = ()
+  else:
+    raise ValueError(f"unknown rollout side {kind!r}")
+
+  out = map_chunks(one, chunk, h_learner, tokens, *extra)
+  return jax.tree.map(jax.lax.stop_gradient, out)
