@@ -90,20 +90,19 @@ def build(kind):
     return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def learner_forward(graphdef, params, prompt, prompt_mask, response, response_mask):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def learner_forward(graphdef, params, prompt, prompt_mask, response, response_mask, numerics=LEARNER):
+  """Full forward over prompt + response: logits predicting each response token, and MoE routes."""
   model = nnx.merge(graphdef, params)
-  h, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, response, response_mask), numerics=LEARNER)
-  return model.unembed(h[:, P - 1:P - 1 + T]), aux.get("routes")
+  h, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, response, response_mask), numerics=numerics)
+  return model.unembed(h[:, P - 1:P - 1 + T], numerics=numerics), aux.get("routes")
 
 
 def stale_params(params, k):
   """theta_roll = theta_learner minus k simulated optimizer updates (the trainer keeps real snapshots)."""
-  for i in range(k):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-    params = jax.tree.unflatten(tree, [x - 0.02 * jax.random.normal(kk, x.shape, x.dtype)
-                                       for x, kk in zip(leaves, keys)])
+  rng = np.random.default_rng(100)
+  for _ in range(k):
+    params = jax.tree.map(lambda x: x - 0.02 * rng.standard_normal(x.shape).astype(x.dtype), params)
   return params
 
 
@@ -144,10 +143,17 @@ def mismatch():
                    tokens=np.asarray(out.tokens), logits=np.asarray(out.logits), flip=None)
       if routes is not None:
         stats["flip"] = float(routing_flip_frac(out.routes, routes[:, :, P:], out.mask))
+      if name == "bf16":
+        # The learner's "recompute" source: a full forward under the backend's numerics.
+        recomputed, _ = learner_forward(g, params, prompt, prompt_mask, out.tokens, out.mask, be.numerics)
+        rkl, _ = exact_kl(out.logits, recomputed)
+        stats["recompute_kl_max"] = rkl[m].max()
       rows[kind, name] = stats
       table.append(f"{kind:6s} {be.name:26s} kl_max={stats['kl_max']:.3e} kl_mean={stats['kl_mean']:.3e} "
                    f"k3_mean={stats['k3_mean']:.3e} max|dlogit|={stats['logit_diff']:.2e}"
-                   + (f" flip={stats['flip']:.4f}" if stats["flip"] is not None else ""))
+                   + (f" flip={stats['flip']:.4f}" if stats["flip"] is not None else "")
+                   + (f" | vs bf16 recompute: kl_max={stats['recompute_kl_max']:.1e}"
+                      if "recompute_kl_max" in stats else ""))
   print("\nmismatch per backend (exact KL(roll||learner) per token, float64; k3 on sampled tokens):")
   print("\n".join(table))
   return rows
@@ -180,3 +186,7 @@ def test_mismatch_is_measured_and_sane(mismatch, kind, name):
     assert s["kl_mean"] < 0.5
   if name in MOE_ONLY:
     assert s["flip"] > 0, name
+  if name == "bf16":
+    # Recomputing under the backend's numerics explains most of the mismatch: the cached bf16 sampler
+    # and a full bf16 forward differ only by bf16 rounding of different reduction shapes.
+    assert s["recompute_kl_max"] < s["kl_max"], (s["recompute_kl_max"], s["kl_max"])

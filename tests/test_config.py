@@ -1,19 +1,9 @@
 """Config tree: every config file loads and validates; bad values and unknown keys name the field."""
-import importlib.util
-import os
-
 import pytest
 
 from trm_jax import config as config_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name, arg=""):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+load = config_lib.load_config
 
 
 @pytest.mark.parametrize("name,arg", [

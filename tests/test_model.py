@@ -13,6 +13,7 @@ from trm_jax.models import (LEARNER, ModelConfig, Numerics, Transformer, default
                             model_config_from, positions_from_valid)
 
 V = 32
+B, L = 8, 11  # every forward below uses this shape so each compiled function is reused
 RULES = {"vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
          "experts": None, "head_dim": None, "batch": ("data", "fsdp")}
 LOGICAL = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts"}
@@ -81,6 +82,10 @@ def test_presets_and_overrides():
   assert (moe.n_experts, moe.experts_top_k, moe.moe_every, moe.n_moe_layers) == (8, 2, 1, 2)
   c.moe_every = 2
   assert model_config_from(c, 40).n_moe_layers == 1
+  c = default_model_config()
+  c.update(size="custom", d_model=48, n_layers=3, n_heads=6, n_kv_heads=3, d_ff=96, max_len=128)
+  cfg = model_config_from(c, 40)
+  assert (cfg.d_model, cfg.n_layers, cfg.head_dim, cfg.n_kv_heads, cfg.d_ff, cfg.max_len) == (48, 3, 8, 3, 96, 128)
 
 
 def test_config_errors_name_the_field():
@@ -130,7 +135,7 @@ def test_cached_decode_matches_full_forward(model):
   """Prefill a left-padded prompt, decode token by token: logits and routes equal the full forward."""
   g, params = nnx.split(model)
   P_, T = 6, 5
-  tokens, valid = left_padded(jax.random.key(1), [6, 3, 1, 5], P_ + T)
+  tokens, valid = left_padded(jax.random.key(1), [6, 3, 1, 5, 6, 2, 4, 1], P_ + T)
   valid = valid.at[:, P_:].set(True)
   prompt_valid = valid[:, :P_]
   tokens = jnp.where(valid, tokens, 0)
@@ -148,7 +153,7 @@ def test_cached_decode_matches_full_forward(model):
   assert int(cache.index) == P_ + T
   np.testing.assert_allclose(jnp.stack(step_logits, 1), full[:, P_:], atol=1e-5, rtol=1e-5)
   if model.cfg.kind == "moe":
-    assert full_routes.shape == (2, 4, P_ + T, 2)
+    assert full_routes.shape == (2, B, P_ + T, 2)
     np.testing.assert_array_equal(jnp.concatenate(step_routes, axis=2), full_routes[:, :, P_:])
   else:
     assert full_routes is None
@@ -157,18 +162,27 @@ def test_cached_decode_matches_full_forward(model):
 def test_left_padding_is_invisible(model):
   """The same tokens give the same logits whatever the amount of left padding."""
   g, params = nnx.split(model)
-  seq = jax.random.randint(jax.random.key(2), (5,), 3, V)
-  tokens = jnp.stack([jnp.concatenate([seq, jnp.zeros(3, jnp.int32)]),
-                      jnp.concatenate([jnp.array([0, 0, 7], jnp.int32), seq])])
-  valid = jnp.stack([jnp.arange(8) < 5, jnp.arange(8) >= 3])
+  seq = np.asarray(jax.random.randint(jax.random.key(2), (5,), 3, V))
+  pads = [0, 1, 2, 3, 4, 5, 6, 0]
+  tokens = np.full((B, L), 7, np.int32)  # junk under the padding: must not matter
+  valid = np.zeros((B, L), bool)
+  for i, a in enumerate(pads):
+    tokens[i, a:a + 5] = seq
+    valid[i, a:a + 5] = True
   logits, _ = forward(g, params, tokens, positions_from_valid(valid), valid)
-  np.testing.assert_allclose(logits[0, :5], logits[1, 3:], atol=1e-5, rtol=1e-5)
-  assert float(jnp.abs(logits[0, 1] - logits[0, 0]).max()) > 1e-3  # positions do matter
+  for i, a in enumerate(pads):
+    np.testing.assert_allclose(logits[i, a:a + 5], logits[0, :5], atol=1e-5, rtol=1e-5)
+  # RoPE is relative: a constant shift changes nothing, stretching the distances does.
+  pos = positions_from_valid(valid)
+  shifted, _ = forward(g, params, tokens, pos + 3, valid)
+  stretched, _ = forward(g, params, tokens, 2 * pos, valid)
+  np.testing.assert_allclose(shifted[valid], logits[valid], atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(stretched - logits)[valid].max()) > 1e-3
 
 
 def test_causal(model):
   g, params = nnx.split(model)
-  tokens, valid = left_padded(jax.random.key(3), [8, 6], 8)
+  tokens, valid = left_padded(jax.random.key(3), [11, 6, 3, 9, 11, 1, 5, 7], L)
   changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % V)
   pos = positions_from_valid(valid)
   a, _ = forward(g, params, tokens, pos, valid)
@@ -180,12 +194,12 @@ def test_causal(model):
 @pytest.mark.parametrize("numerics,lo,hi", [
     (Numerics(attention="alt_order"), 0.0, 1e-4),  # same maths, other rounding
     (Numerics(dtype="bfloat16", weight_dtype="bfloat16"), 1e-3, 0.5),
-    (Numerics(weight_dtype="bfloat16"), 1e-4, 0.5),
+    (Numerics(weight_dtype="bfloat16"), 1e-4, 0.5),  # bf16-rounded weights, float32 compute
     (Numerics(logit_noise_scale=0.1, logit_noise_df=2.0), 1e-3, 10.0),
 ])
 def test_numerics_change_logits_a_little(dense, numerics, lo, hi):
   g, params = nnx.split(dense)
-  tokens, valid = left_padded(jax.random.key(4), [10, 7, 4], 10)
+  tokens, valid = left_padded(jax.random.key(4), [11, 7, 4, 2, 9, 11, 5, 8], L)
   pos = positions_from_valid(valid)
   ref, _ = forward(g, params, tokens, pos, valid)
   out, _ = forward(g, params, tokens, pos, valid, numerics)
@@ -194,6 +208,14 @@ def test_numerics_change_logits_a_little(dense, numerics, lo, hi):
   assert lo < diff < hi, diff
   again, _ = forward(g, params, tokens, pos, valid, numerics)  # deterministic: the learner can recompute
   np.testing.assert_array_equal(out, again)
+
+
+def test_numerics_validation():
+  assert hash(Numerics()) == hash(LEARNER) and Numerics() == LEARNER  # usable as a static jit arg
+  with pytest.raises(ValueError, match="dtype"):
+    Numerics(dtype="fp8")
+  with pytest.raises(ValueError, match="attention"):
+    Numerics(attention="paged")
 
 
 def test_logit_noise_is_a_fixed_linear_function_of_h(dense):
@@ -207,7 +229,7 @@ def test_logit_noise_is_a_fixed_linear_function_of_h(dense):
 
 def test_router_jitter_flips_routes_deterministically(moe):
   g, params = nnx.split(moe)
-  tokens, valid = left_padded(jax.random.key(6), [12] * 4, 12)
+  tokens, valid = left_padded(jax.random.key(6), [L] * B, L)
   pos = positions_from_valid(valid)
   _, r0 = forward(g, params, tokens, pos, valid)
   jit = Numerics(router_jitter=0.5)
@@ -240,7 +262,7 @@ def test_sharded_forward_matches_single_device(model):
   embed = sharded["embed"][...]
   assert embed.sharding.spec == P("tensor", "fsdp")
   assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape == (V // 2, 16)
-  tokens, valid = left_padded(jax.random.key(7), [9, 4, 7, 1, 9, 2, 8, 5], 9)
+  tokens, valid = left_padded(jax.random.key(7), [11, 4, 7, 1, 9, 2, 8, 5], L)
   pos = positions_from_valid(valid)
   ref, ref_routes = forward(g, params, tokens, pos, valid)
   batch = NamedSharding(mesh, P(("data", "fsdp")))

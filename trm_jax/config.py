@@ -7,6 +7,9 @@ the tree is locked: a typo such as `--config.trm.detla` fails instead of silentl
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 # Names accepted by the config; the learner dispatches on them.
@@ -293,3 +296,17 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
     node[path[-1]] = value
   config.lock()
   return config
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """Loads `configs/<name>.py` (or a path to any config file) and calls its get_config(arg)."""
+  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(f"trm_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

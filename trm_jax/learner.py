@@ -76,6 +76,14 @@ def _divergence_for(name, exact, est):
   return est[ESTIMATOR_KEYS[name]]
 
 
+def length_edges(edges, horizon: int) -> tuple:
+  """The configured bucket edges cut to the horizon: buckets no response can reach are not logged."""
+  edges = sorted(int(e) for e in edges)
+  keep = [e for e in edges if e <= horizon]
+  beyond = [e for e in edges if e > horizon][:1]
+  return tuple(keep + (beyond if keep and keep[-1] < horizon + 1 else []))
+
+
 def correction(cfg, mask, learner_logp, rollout_logp, exact, est) -> masking.Correction:
   """The configured TRM criterion composed with the configured baseline (their weights multiply)."""
   t, b = cfg.trm, cfg.baseline
@@ -89,7 +97,7 @@ def correction(cfg, mask, learner_logp, rollout_logp, exact, est) -> masking.Cor
                 "tis": dict(cap=b.tis_cap), "token_mask": dict(low=b.token_low, high=b.token_high),
                 "seq_is": dict(cap=b.seq_cap), "geo_mask": dict(low=b.geo_low, high=b.geo_high)}
   common = dict(mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
-                length_edges=tuple(t.length_buckets))
+                length_edges=length_edges(t.length_buckets, mask.shape[-1]))
   trm = masking.apply_correction(t.criterion, div=div, div_avg=div_avg, **thresholds[t.criterion], **common)
   if b.kind == "none":
     return trm

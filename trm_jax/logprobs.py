@@ -17,15 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from trm_jax import divergence
+from trm_jax.rollout.sampler import sequence_inputs
 from trm_jax.rollout.sampling import processed_logprobs
-
-
-def sequence_inputs(prompt, prompt_mask, response, response_mask):
-  """Concatenates prompt and response; positions count valid tokens only (left padding)."""
-  tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
-  valid = jnp.concatenate([prompt_mask, response_mask], axis=1) > 0
-  positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
-  return tokens, positions, valid
 
 
 def response_hidden(model, prompt, prompt_mask, response, response_mask, *, numerics):

@@ -6,7 +6,7 @@ line, e.g. `--config.trm.delta=0.05`. All logic lives in trm_jax.trainer; this f
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +26,7 @@ def _default_workdir(argv_config: str) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bar
   from trm_jax import trainer  # after flag parsing, so --help is fast
 
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])

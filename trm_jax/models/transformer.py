@@ -110,9 +110,7 @@ def model_config_from(cfg_model, vocab_size: int) -> ModelConfig:
   if size == "custom":
     dims = {}
     for f in DIM_FIELDS:
-      if f == "head_dim" and not get(f) and get("d_model") and get("n_heads"):
-        continue
-      if not get(f):
+      if not get(f) and f != "head_dim":  # head_dim may follow from d_model // n_heads
         raise ValueError(f"model.{f} must be set (nonzero) when model.size='custom'")
   elif size in PRESETS:
     dims = dict(PRESETS[size])
