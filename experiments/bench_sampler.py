@@ -1,0 +1,109 @@
+"""Sampler part of experiments/bench.py: tokens/s of trm_jax's sampler (cached / full) and of HF `generate`.
+
+All three generate exactly B * T new tokens: ours runs a fixed-length scan (eos_id = -1 never fires),
+transformers gets min_new_tokens = max_new_tokens = T (EOS suppressed). Same dimensions, random weights,
+plain sampling at temperature 1 (no top-k / top-p on either side). Compile / warm-up calls are excluded;
+the rows are interleaved per round and the figures are medians.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trm_jax.models import ModelConfig, Transformer
+from trm_jax.rollout import sampler
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def hf_generator(dims: dict, V: int, max_len: int):
+  """A callable (prompt np[B,P], T) -> None running HF generate, or a string saying why not."""
+  try:
+    import torch
+    import transformers
+  except Exception as e:  # noqa: BLE001 - any import failure means "skip this row"
+    return f"skipped: torch/transformers not importable ({type(e).__name__}: {e}); pip install -e .[bench]"
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=V, hidden_size=dims["d_model"], num_hidden_layers=dims["n_layers"],
+      num_attention_heads=dims["n_heads"], num_key_value_heads=dims["n_kv_heads"], head_dim=dims["head_dim"],
+      intermediate_size=dims["d_ff"], max_position_embeddings=max_len, rms_norm_eps=1e-6, rope_theta=10000.0,
+      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+
+  def run(prompt: np.ndarray, T: int):
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                           top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T, eos_token_id=2,
+                           pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + T, out.shape
+
+  run.info = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads}
+  return run
+
+
+def bench_sampler(dims: dict, V: int, B: int, P: int, Ts, repeats: int, full_repeats: int, log=print,
+                  with_hf: bool = True) -> dict:
+  max_len = P + max(Ts)
+  mcfg = ModelConfig(vocab_size=V, max_len=max_len, **{k: int(dims[k]) for k in
+                                                       ("d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                        "head_dim", "d_ff")})
+  with nnx.use_eager_sharding(False):
+    graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+  r = np.random.default_rng(0)
+  prompt_np = r.integers(3, V, size=(B, P)).astype(np.int32)
+  prompt, pmask = jnp.asarray(prompt_np), jnp.ones((B, P), bool)
+  hf = hf_generator(dims, V, max_len) if with_hf else "skipped: --no-hf"
+  hf_note = hf if isinstance(hf, str) else None
+  if hf_note:
+    log(f"sampler: transformers row {hf_note}")
+
+  def ours(kernel, T):
+    def go():
+      out = sampler.sample(graphdef, params, prompt, pmask, jax.random.key(1), max_new_tokens=T, eos_id=-1,
+                           kernel=kernel)
+      jax.block_until_ready(out.tokens)
+    return go
+
+  rows = []
+  for T in Ts:
+    fns = {"cached": ours("cached", T), "full": ours("full", T)}
+    if not hf_note:
+      fns["transformers"] = lambda T=T: hf(prompt_np, T)
+    warm = {k: _timed(f) for k, f in fns.items()}  # compile / warm-up
+    times = {k: [] for k in fns}
+    for i in range(repeats):
+      for k in fns:
+        if k == "full" and i >= full_repeats:
+          continue
+        times[k].append(_timed(fns[k]))
+    med = {k: float(statistics.median(v)) for k, v in times.items()}
+    row = {"T": T, "tokens": B * T, "median_s": med, "times_s": times, "warmup_s": warm,
+           "tokens_per_s": {k: B * T / v for k, v in med.items()},
+           "speedup_vs_recompute": med["full"] / med["cached"]}
+    if "transformers" in med:
+      row["speedup_vs_transformers"] = med["transformers"] / med["cached"]
+    rows.append(row)
+    log(f"sampler T={T}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in row["tokens_per_s"].items()))
+  out = {"rows": rows, "B": B, "P": P, "V": V, "dims": dims,
+         "speedup_vs_recompute": min(r["speedup_vs_recompute"] for r in rows)}
+  if hf_note:
+    out["transformers"] = hf_note
+    out["speedup_vs_transformers"] = None
+  else:
+    out["transformers"] = hf.info
+    out["speedup_vs_transformers"] = min(r["speedup_vs_transformers"] for r in rows)
+  return out

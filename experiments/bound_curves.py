@@ -1,0 +1,295 @@
+"""Bound curves computed by trm_jax.bounds (paper Sec. 2), and acceptance vs length (paper Sec. 3).
+
+  python experiments/bound_curves.py                                   # figures + CSVs into experiments/figures
+  python experiments/bound_curves.py --runs_dir experiments/runs --out experiments/figures
+
+Writes (seconds on CPU):
+  bounds_vs_T.png / .csv       every bound vs T = 64 .. 32768 (log-log) in the paper's two regimes:
+                               KL-only: delta=1e-4, KL_seq=0.01, eps=sqrt(delta/2), TV_seq=sqrt(KL_seq/2);
+                               KL+TV:   delta=1e-4, KL_seq=0.01, eps=5e-3,           TV_seq=0.05.
+  bounds_vs_delta.png / .csv   every bound vs delta = 1e-6 .. 1 at T=4096 (KL_seq fixed at 0.01;
+                               KL-only: eps=sqrt(delta/2); KL+TV: eps=min(5e-3, sqrt(delta/2)),
+                               TV_seq=min(0.05, sqrt(KL_seq/2)) so the TV statistics never exceed Pinsker).
+  acceptance_vs_length.png / .csv
+                               (1-p)^T for p in {1e-4, 1e-3}, next to the TRM acceptance measured by
+                               length bucket (trm/accept_rate/len_<lo>_<hi>) in the runs under --runs_dir
+                               (runs whose trm.criterion is "none" are skipped; the panel says so when
+                               there are none).
+
+The Adaptive bounds use the worst case the token maxima allow, uniform Dbar_t = min(1, eps, sqrt(delta/2));
+with it Adaptive-KL equals Pinsker-Marginal KL and Adaptive-TV equals Coupling (paper identities).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import common  # noqa: E402
+
+T_GRID = tuple(2 ** k for k in range(6, 16))  # 64 .. 32768
+DELTA_GRID = tuple(float(x) for x in np.logspace(-6, 0, 25))
+T_FIXED = 4096
+KL_SEQ = 0.01
+P_GRID = (1e-4, 1e-3)
+
+# (column name, label, line style); the order of the CSV columns.
+BOUNDS = (
+    ("classical_kl", "Classical KL  T(T-1)delta", "-"),
+    ("classical_tv", "Classical TV  2T(T-1)eps^2", "--"),
+    ("coupling", "Coupling", "-."),
+    ("linear", "Linear 4T eps", ":"),
+    ("pinsker_marginal_kl", "Pinsker-Marginal KL", "-"),
+    ("pinsker_marginal_tv", "Pinsker-Marginal TV", "--"),
+    ("adaptive_kl", "Adaptive KL (worst-case Dbar)", (0, (1, 1))),
+    ("adaptive_tv", "Adaptive TV (worst-case Dbar)", (0, (3, 1, 1, 1))),
+    ("adaptive", "Adaptive hybrid (worst-case Dbar)", (0, (5, 2))),
+    ("mixed_kl", "Mixed KL", "-"),
+    ("mixed_tv", "Mixed TV", "--"),
+    ("unified", "Unified B*", "-"),
+)
+BOUND_KEYS = tuple(b[0] for b in BOUNDS)
+
+
+def regime(name: str, delta: float, kl_seq: float = KL_SEQ) -> dict:
+  """The statistics (delta, eps, kl_seq, tv_seq) of the paper's two regimes at a given delta."""
+  if name == "kl_only":
+    return dict(delta=delta, eps=math.sqrt(delta / 2), kl_seq=kl_seq, tv_seq=math.sqrt(kl_seq / 2))
+  if name == "kl_tv":
+    return dict(delta=delta, eps=min(5e-3, math.sqrt(delta / 2)), kl_seq=kl_seq,
+                tv_seq=min(0.05, math.sqrt(kl_seq / 2)))
+  raise ValueError(name)
+
+
+REGIMES = {"kl_only": "KL-only (eps=sqrt(delta/2), TV_seq=sqrt(KL_seq/2))",
+           "kl_tv": "KL+TV (eps=5e-3, TV_seq=0.05)"}
+
+
+def all_bounds(T, delta, eps, kl_seq, tv_seq) -> dict:
+  """Every bound of trm_jax.bounds; T or the statistics may be 1-D arrays (broadcast), returns numpy.
+
+  The Adaptive bounds get the worst-case uniform Dbar_t = min(1, eps, sqrt(delta/2)) over t = 1..max(T).
+  Vectorised over the grid so each bound is one call (a few jnp shapes, seconds in total).
+  """
+  from trm_jax import bounds
+  T = np.asarray(T, np.int64)
+  delta, eps = np.asarray(delta, np.float64), np.asarray(eps, np.float64)
+  kl_seq, tv_seq = np.asarray(kl_seq, np.float64), np.asarray(tv_seq, np.float64)
+  t_max = int(T.max())
+  c = np.minimum(np.minimum(1.0, eps), np.sqrt(delta / 2))
+  dbar = (np.asarray(c, np.float32)[..., None] * np.ones((t_max,), np.float32))
+  f = lambda x: np.asarray(x, np.float64)
+  return {
+      "classical_kl": f(bounds.classical_kl(T, delta)),
+      "classical_tv": f(bounds.classical_tv(T, eps)),
+      "coupling": f(bounds.coupling(T, eps, t_max=t_max)),
+      "linear": f(bounds.linear(T, eps)),
+      "pinsker_marginal_kl": f(bounds.pinsker_marginal_kl(T, delta, t_max=t_max)),
+      "pinsker_marginal_tv": f(bounds.pinsker_marginal_tv(T, delta, eps, t_max=t_max)),
+      "adaptive_kl": f(bounds.adaptive_kl(delta, dbar, T=T)),
+      "adaptive_tv": f(bounds.adaptive_tv(eps, dbar, T=T)),
+      "adaptive": f(bounds.adaptive(delta, eps, dbar, T=T)),
+      "mixed_kl": f(bounds.mixed_kl(T, delta, kl_seq)),
+      "mixed_tv": f(bounds.mixed_tv(T, eps, tv_seq)),
+      "unified": f(bounds.unified(T, delta, eps, kl_seq, tv_seq, t_max=t_max)),
+  }
+
+
+def _rows(reg: str, T, stats: dict, n: int) -> list[dict]:
+  b = all_bounds(T, **stats)
+  full = {k: np.broadcast_to(np.asarray(v), (n,)) for k, v in {"T": T, **stats, **b}.items()}
+  return [{"regime": reg, **{k: (int(v[i]) if k == "T" else float(v[i])) for k, v in full.items()}}
+          for i in range(n)]
+
+
+def bounds_vs_T(T_grid=T_GRID, delta=1e-4) -> list[dict]:
+  rows = []
+  for reg in REGIMES:
+    rows += _rows(reg, np.asarray(T_grid), regime(reg, delta), len(T_grid))
+  return rows
+
+
+def bounds_vs_delta(delta_grid=DELTA_GRID, T=T_FIXED) -> list[dict]:
+  rows = []
+  for reg in REGIMES:
+    st = [regime(reg, float(d)) for d in delta_grid]
+    stats = {k: np.array([s[k] for s in st]) for k in st[0]}
+    rows += _rows(reg, int(T), stats, len(delta_grid))
+  return rows
+
+
+def _write_rows(path: str, rows: list[dict]) -> str:
+  header = ["regime", "T", "delta", "eps", "kl_seq", "tv_seq", *BOUND_KEYS]
+  return common.write_csv(path, header, ([r[h] for h in header] for r in rows))
+
+
+def _plot_bounds(rows: list[dict], x: str, path: str, title: str) -> str:
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+  for ax, reg in zip(axes, REGIMES):
+    sub = [r for r in rows if r["regime"] == reg]
+    xs = [r[x] for r in sub]
+    for key, label, ls in BOUNDS:
+      lw = 2.6 if key == "unified" else 1.4
+      color = "k" if key == "unified" else None
+      ax.plot(xs, [r[key] for r in sub], linestyle=ls, lw=lw, label=label, color=color)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.text(xs[0], 1.15, "|Error| <= 1 trivially (R in [0,1]) -- bounds above this line are vacuous",
+            fontsize=7, color="gray")
+    ax.set_xscale("log", base=2 if x == "T" else 10)
+    ax.set_yscale("log")
+    ax.set_xlabel("horizon T (tokens)" if x == "T" else "delta = max_t KL(roll || theta)")
+    ax.set_title(REGIMES[reg], fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+  axes[0].set_ylabel("bound on |Error|")
+  axes[1].legend(fontsize=7, loc="lower right" if x == "T" else "upper left")
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------- acceptance vs length
+
+_BUCKET = re.compile(r"^trm/accept_rate/len_(\d+)_(\d+)$")
+
+
+def run_label(run_dir: str, runs_dir: str) -> str:
+  """Group label: the run's path under runs_dir without its seed suffix (`_s<k>`)."""
+  rel = os.path.relpath(run_dir, runs_dir)
+  return re.sub(r"_s\d+$", "", rel)
+
+
+def measured_acceptance(runs_dir: str | None) -> list[dict]:
+  """Mean TRM acceptance per length bucket, per run group (runs with trm.criterion != none).
+
+  Returns rows {group, criterion, bucket_lo, bucket_hi, accept_mean, n_steps, n_runs}; empty buckets are
+  logged by the trainer as -1 (or null) and ignored.
+  """
+  if not runs_dir or not os.path.isdir(runs_dir):
+    return []
+  groups: dict[str, dict] = {}
+  for path in sorted(glob.glob(os.path.join(runs_dir, "**", "metrics.jsonl"), recursive=True)):
+    run_dir = os.path.dirname(path)
+    if "_warm" in run_dir.split(os.sep) or "warmstart" == os.path.basename(run_dir):
+      continue
+    criterion = "?"
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(cfg_path):
+      with open(cfg_path) as f:
+        criterion = json.load(f).get("trm", {}).get("criterion", "?")
+    if criterion == "none":
+      continue
+    rows = common.read_metrics(run_dir)
+    if not rows:
+      continue
+    g = groups.setdefault(run_label(run_dir, runs_dir), {"criterion": criterion, "runs": 0, "b": {}})
+    g["runs"] += 1
+    for r in rows:
+      for k, v in r.items():
+        m = _BUCKET.match(k)
+        if m and v is not None and v >= 0:
+          g["b"].setdefault((int(m.group(1)), int(m.group(2))), []).append(float(v))
+  out = []
+  for name, g in sorted(groups.items()):
+    for (lo, hi), vals in sorted(g["b"].items()):
+      out.append({"group": name, "criterion": g["criterion"], "bucket_lo": lo, "bucket_hi": hi,
+                  "accept_mean": float(np.mean(vals)), "n_steps": len(vals), "n_runs": g["runs"]})
+  return out
+
+
+def acceptance_curves(T_grid=None) -> list[dict]:
+  T_grid = T_grid if T_grid is not None else [2 ** k for k in range(4, 16)]
+  return [{"p": p, "T": int(T), "accept": (1.0 - p) ** T} for p in P_GRID for T in T_grid]
+
+
+def _plot_acceptance(theory: list[dict], measured: list[dict], path: str, runs_dir: str | None) -> str:
+  plt = common.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  ax = axes[0]
+  for p in P_GRID:
+    pts = [(r["T"], r["accept"]) for r in theory if r["p"] == p]
+    ax.plot(*zip(*pts), marker="o", label=f"(1 - p)^T, p = {p:g}")
+  ax.set_xscale("log", base=2)
+  ax.set_ylim(-0.02, 1.02)
+  ax.axhline(0.7, color="gray", ls=":", lw=1)
+  ax.text(16, 0.72, "keep acceptance above ~70% (paper)", fontsize=7, color="gray")
+  ax.set_xlabel("sequence length T")
+  ax.set_ylabel("P(sequence accepted)")
+  ax.set_title("i.i.d. per-token violation probability p (paper Sec. 3)")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  ax = axes[1]
+  if measured:
+    for name in sorted({m["group"] for m in measured}):
+      pts = [((m["bucket_lo"] * m["bucket_hi"]) ** 0.5 if m["bucket_lo"] else m["bucket_hi"] / 2,
+              m["accept_mean"]) for m in measured if m["group"] == name]
+      ax.plot(*zip(*pts), marker="o", label=name)
+    for p in P_GRID:
+      pts = [(r["T"], r["accept"]) for r in theory if r["p"] == p and r["T"] <= 1024]
+      ax.plot(*zip(*pts), color="gray", ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"measured TRM acceptance by length bucket ({os.path.relpath(runs_dir) if runs_dir else ''})",
+                 fontsize=9)
+  else:
+    ax.text(0.5, 0.5, f"no TRM runs with trm/accept_rate/len_* metrics under\n{runs_dir!r}:\n"
+            "run experiments/paper_figures.py or experiments/sweep.py first", ha="center", va="center",
+            fontsize=9, transform=ax.transAxes)
+    ax.set_title("measured acceptance (skipped)")
+  ax.set_xlabel("response length bucket (geometric midpoint)")
+  ax.set_ylabel("mean accept rate over steps")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", default=common.DEFAULT_FIGURES)
+  ap.add_argument("--runs_dir", default=common.DEFAULT_RUNS, help="where to look for measured acceptance")
+  ap.add_argument("--T", default=",".join(map(str, T_GRID)), help="comma-separated horizons for bounds_vs_T")
+  ap.add_argument("--T_fixed", type=int, default=T_FIXED, help="horizon of bounds_vs_delta")
+  args = ap.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  T_grid = [int(t) for t in args.T.split(",") if t]
+  out = {}
+  rows_T = bounds_vs_T(T_grid)
+  out["bounds_vs_T.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_T.csv"), rows_T)
+  out["bounds_vs_T.png"] = _plot_bounds(rows_T, "T", os.path.join(args.out, "bounds_vs_T.png"),
+                                        "Bounds on |Error| vs horizon T (delta=1e-4, KL_seq=0.01), trm_jax.bounds")
+  rows_d = bounds_vs_delta(T=args.T_fixed)
+  out["bounds_vs_delta.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_delta.csv"), rows_d)
+  out["bounds_vs_delta.png"] = _plot_bounds(rows_d, "delta", os.path.join(args.out, "bounds_vs_delta.png"),
+                                            f"Bounds on |Error| vs delta at T={args.T_fixed} (KL_seq=0.01)")
+  theory = acceptance_curves()
+  measured = measured_acceptance(args.runs_dir)
+  header = ["kind", "group", "criterion", "p", "bucket_lo", "bucket_hi", "T", "accept", "n_steps", "n_runs"]
+  csv_rows = [["theory", "", "", r["p"], "", "", r["T"], r["accept"], "", ""] for r in theory]
+  csv_rows += [["measured", m["group"], m["criterion"], "", m["bucket_lo"], m["bucket_hi"], "", m["accept_mean"],
+                m["n_steps"], m["n_runs"]] for m in measured]
+  out["acceptance_vs_length.csv"] = common.write_csv(os.path.join(args.out, "acceptance_vs_length.csv"),
+                                                     header, csv_rows)
+  out["acceptance_vs_length.png"] = _plot_acceptance(theory, measured,
+                                                     os.path.join(args.out, "acceptance_vs_length.png"),
+                                                     args.runs_dir)
+  if not measured:
+    print(f"[bound_curves] no measured acceptance under {args.runs_dir!r}; that panel is skipped")
+  for k, v in out.items():
+    print(f"[bound_curves] wrote {v}")
+  return out
+
+
+if __name__ == "__main__":
+  main()
