@@ -60,7 +60,7 @@ SCALING_DIMS = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16
 MODES = {
     "tiny": dict(
         overhead=dict(dims=TINY_DIMS, B=4, G=2, P=4, T=16, V=512), overhead_repeats=2,
-        memory_grid=[(1, 256, 1024), (1, 512, 1024), (2, 512, 2048)], memory_D=64, memory_ref=(512, 1024),
+        memory_grid=[(1, 256, 1024), (1, 512, 1024)], memory_D=64, memory_ref=(512, 1024),
         sampler=dict(dims=TINY_DIMS, V=512, B=2, P=4, Ts=(8,)), sampler_repeats=1, sampler_full_repeats=1,
         throughput=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=512), throughput_repeats=1,
         scaling=dict(dims=TINY_DIMS, B=8, G=2, P=4, T=8, V=64), scaling_counts=(1, 2), scaling_repeats=1),
@@ -88,9 +88,23 @@ TARGETS = {"trm_overhead_estimator": 1.03, "trm_overhead_exact": 1.10, "memory_n
            "learner_peak_fraction": 0.40}
 
 
+def _git() -> dict:
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--short", "trm_jax"], cwd=root, capture_output=True, text=True).stdout
+    return {"commit": head.strip(), "trm_jax_modified": [l[3:] for l in dirty.splitlines()]}
+  except OSError:
+    return {}
+
+
 def environment() -> dict:
   dev = jax.devices()[0]
-  return {"jax": jax.__version__, "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+  from trm_jax import config as config_lib
+  learner_defaults = config_lib.default_config().learner.to_dict()
+  return {"git": _git(), "learner_defaults": learner_defaults, "jax": jax.__version__,
+          "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
           "n_devices": len(jax.devices()), "cpu_count": os.cpu_count(), "python": platform.python_version(),
           "machine": platform.machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 

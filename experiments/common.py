@@ -202,6 +202,7 @@ def run_all(specs: Iterable[RunSpec], runs_dir: str, *, parallel: int = 2, reuse
             verbose: bool = True) -> dict[str, tuple[float, int]]:
   """Runs the incomplete specs, `parallel` at a time; warm starts are made first (also in parallel)."""
   specs = list(dict.fromkeys(specs))
+  runs_dir = os.path.abspath(runs_dir)  # subprocesses run in REPO
   todo = [s for s in specs if not is_complete(s.workdir(runs_dir), s.steps)]
   if verbose:
     print(f"[experiments] {len(specs) - len(todo)} of {len(specs)} runs complete; running {len(todo)}",

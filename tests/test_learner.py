@@ -135,3 +135,19 @@ def test_all_rejected_batch_is_a_zero_update(meshes):
   assert m["trm/accept_rate"] == 0.0 and m["loss"] == 0.0 and m["grad_norm"] == 0.0
   assert all(np.isfinite(v) for v in m.values())
   jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(new_state.params))
+
+
+@pytest.mark.parametrize("source", ["recompute", "sampled"])
+def test_fused_update_equals_two_pass(meshes, source):
+  """The fused single-forward update (the default) is the two-pass update, computed once."""
+  over = {"trm.source": source} if source == "recompute" else {
+      "trm.source": "sampled", "trm.divergence": "k2", "trm.delta": 0.004}
+  batch = near_learner(tiny_config(), make_batch(5))
+  sgd = optax.sgd(1e-2)
+  p_f, m_f = run(tiny_config(**over, **{"learner.fuse": True}), meshes[0], batch, sgd)
+  p_t, m_t = run(tiny_config(**over, **{"learner.fuse": False}), meshes[0], batch, sgd)
+  assert set(m_f) == set(m_t)
+  for k in m_f:
+    np.testing.assert_allclose(m_f[k], m_t[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p_f, p_t)
+  assert m_f["grad_norm"] > 0 and 0 < m_f["trm/accept_rate"] <= 1

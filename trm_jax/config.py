@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.learner = ml_collections.ConfigDict()
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
   c.learner.remat = True  # rematerialise each chunk's logits in the backward pass (memory: one chunk)
+  c.learner.fuse = True  # epochs = minibatches = 1: one learner forward for statistics AND gradient
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps between evaluations; 0 = never

@@ -113,52 +113,57 @@ def _advantages(cfg, rewards, group_size, valid):
   return fn(rewards, group_size, valid=valid)
 
 
-def pre_update_pass(cfg, model_def, params, rollout_params, batch: RolloutBatch, backend: RolloutBackend):
-  """Learner log-probs at the pre-update parameters and the rollout side, chunk by chunk (no grad)."""
-  learner = model_def.merge(params)
-  h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
-                              numerics=LEARNER)
-  sampling = (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-  chunk = lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size)
+def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend):
+  """How token_stats gets the rollout distribution (trm.source), plus the rollout forward's aux."""
   source = cfg.trm.source
-  extra = {}
-  if source == "recompute":
+  if source == "recompute":  # one extra forward under the backend's numerics; no [B,T,V] stored
     roll_model = model_def.merge(rollout_params)
     h_roll, aux_roll = lp.response_hidden(roll_model, batch.prompt, batch.prompt_mask, batch.response,
                                           batch.response_mask, numerics=backend.numerics)
-    side = ("recompute", roll_model, h_roll, backend.numerics)
-    if "routes" in aux and "routes" in aux_roll:
-      p = batch.prompt.shape[1]
-      valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
-      extra["moe/routing_flip_frac"] = routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
-      del p
-  elif source == "stored":
-    side = ("stored", batch.rollout_logits)
-  elif source == "topk":
-    side = ("topk", batch.rollout_topk_logp, batch.rollout_topk_ids)
-  else:
-    side = None
-  stats = lp.token_stats(learner, jax.lax.stop_gradient(h), batch.response, learner_numerics=LEARNER,
-                         sampling=sampling, chunk=chunk, rollout_side=side)
+    return ("recompute", roll_model, jax.lax.stop_gradient(h_roll), backend.numerics), aux_roll
+  if source == "stored":
+    return ("stored", batch.rollout_logits), {}
+  if source == "topk":
+    return ("topk", batch.rollout_topk_logp, batch.rollout_topk_ids), {}
+  return None, {}
+
+
+def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_logp: bool):
+  """One chunked pass of the learner: per-token log-probs (differentiable if grad_logp), entropy and
+  the exact divergences against the rollout side; plus the MoE routing-flip fraction."""
+  h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
+                              numerics=LEARNER)
+  stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), batch.response,
+                         learner_numerics=LEARNER,
+                         sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
+                         chunk=lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size),
+                         rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat)
+  extra = {}
+  if "routes" in aux and "routes" in aux_roll:
+    valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
+    extra["moe/routing_flip_frac"] = routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
   return stats, extra
 
 
-def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState,
-                   batch: RolloutBatch, rollout_params) -> tuple[TrainState, dict]:
-  """The whole update (see module docstring). Pure; `make_learner_step` jits it with shardings."""
+def analyse(cfg, stats, extra, batch: RolloutBatch):
+  """From per-token statistics (no grad) to the update's targets and every logged number.
+
+  Returns (targets, metrics): targets = advantages [B] over accepted sequences, loss weights [B,T]
+  (mask x TRM x baseline) and the PPO behaviour log-probs; metrics = mismatch, mask, certificate.
+  """
+  stats = jax.tree.map(jax.lax.stop_gradient, stats)
   mask = batch.response_mask.astype(jnp.float32)
-  pre, extra = pre_update_pass(cfg, model_def, state.params, rollout_params, batch, backend)
-  learner_logp, rollout_logp = pre["learner_logp"], batch.rollout_logp.astype(jnp.float32)
+  learner_logp, rollout_logp = stats["learner_logp"], batch.rollout_logp.astype(jnp.float32)
   est = divergence.sampled_estimators(learner_logp, rollout_logp, mask)
-  has_exact = "kl" in pre
-  exact = {k: pre[k] * mask for k in ("kl", "kl_reverse", "tv")} if has_exact else None
+  has_exact = "kl" in stats
+  exact = {k: stats[k] * mask for k in ("kl", "kl_reverse", "tv")} if has_exact else None
 
   corr = correction(cfg, mask, learner_logp, rollout_logp, exact, est)
-  lengths = mask.sum(-1)
-  seq_valid = corr.seq_mask * (lengths > 0)
+  seq_valid = corr.seq_mask * (mask.sum(-1) > 0)
+  # The mask reaches the advantages too: rejected rows leave the group statistics (peers.md).
   adv = _advantages(cfg, batch.rewards.astype(jnp.float32), batch.group_size, seq_valid)
-  weights = corr.token_weight * corr.seq_mask[:, None] * mask
-  behaviour = rollout_logp if cfg.rl.ratio_base == "rollout" else learner_logp
+  targets = dict(adv=adv, weights=corr.token_weight * corr.seq_mask[:, None] * mask,
+                 behaviour=rollout_logp if cfg.rl.ratio_base == "rollout" else learner_logp)
 
   # The certificate (paper section 2): exact divergences when the rollout side gives them, else the
   # estimators k3 (for KL) and 1/2|rho-1| (for TV) as stand-ins, flagged by bounds/exact = 0.
@@ -167,24 +172,14 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   surrogate = jnp.mean(corr.seq_mask * batch.rewards * rho_minus_1.sum(-1))  # L'(theta) on accepted rows
   cert = bounds.certificate(kl_c, tv_c, mask, surrogate=surrogate)
 
-  update = _make_minibatch_update(cfg, model_def, tx)
-  n_mb, b = cfg.rl.minibatches, batch.response.shape[0]
-  data = dict(prompt=batch.prompt, prompt_mask=batch.prompt_mask, response=batch.response,
-              response_mask=mask, rollout_logp=rollout_logp, behaviour=behaviour, adv=adv, weights=weights)
-  data = jax.tree.map(lambda x: x.reshape(n_mb, b // n_mb, *x.shape[1:]), data)
-  mbs = jax.tree.map(lambda x: jnp.tile(x, (cfg.rl.epochs,) + (1,) * (x.ndim - 1)), data)
-  (params, opt_state), aux = jax.lax.scan(update, (state.params, state.opt_state), mbs)
-  new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
-
   denom = jnp.maximum(mask.sum(), 1.0)
   metrics = {
-      "loss": aux["loss"].mean(), "grad_norm": aux["grad_norm"].mean(), "clip_frac": aux["clip_frac"].mean(),
-      "entropy": (pre["entropy"] * mask).sum() / denom,
+      "entropy": (stats["entropy"] * mask).sum() / denom,
       "trm/accept_rate": corr.stats["accept_rate"],
       "trm/token_accept_rate": corr.stats.get("token_accept_rate", jnp.float32(1.0)),
       "trm/num_rejected": (1.0 - corr.seq_mask).sum() * 1.0,
       "rl/advantage_abs_mean": jnp.abs(adv).sum() / jnp.maximum(seq_valid.sum(), 1.0),
-      "rl/loss_denominator": jnp.float32(b // n_mb),  # seq_total normalises by the total minibatch N
+      "rl/loss_denominator": jnp.float32(mask.shape[0] // cfg.rl.minibatches),  # seq_total: total N
       "mismatch/ppl_gap": divergence.log_ppl_gap(learner_logp, rollout_logp, mask),
       "mismatch/exact": jnp.float32(has_exact),
       "bounds/exact": jnp.float32(has_exact),
@@ -195,40 +190,81 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
     elif k.startswith("baseline/"):
       metrics[k] = v
   for name in ("k1", "k3", "tv_est"):
-    metrics[f"mismatch/{name}_mean"] = (est[name]).sum() / denom
+    metrics[f"mismatch/{name}_mean"] = est[name].sum() / denom
   for name in ("k2", "k3", "abs_log_ratio"):
     metrics[f"mismatch/{name}_max"] = est[name].max()
   if has_exact:
     metrics.update({"mismatch/kl_max": exact["kl"].max(), "mismatch/kl_mean": exact["kl"].sum() / denom,
                     "mismatch/kl_reverse_mean": exact["kl_reverse"].sum() / denom,
                     "mismatch/tv_max": exact["tv"].max(), "mismatch/tv_mean": exact["tv"].sum() / denom})
-    if "rollout_logp_recomputed" in pre:  # how far the recompute is from what the sampler reported
+    if "rollout_logp_recomputed" in stats:  # how far the recompute is from what the sampler reported
       metrics["mismatch/recompute_logp_abs_err"] = (
-          jnp.abs(pre["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom
+          jnp.abs(stats["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom
   else:  # estimates under the same names so curves stay comparable; mismatch/exact says which
     metrics.update({"mismatch/kl_max": est["k3"].max(), "mismatch/kl_mean": est["k3"].sum() / denom})
   for k, v in cert.items():
     if jnp.ndim(v) == 0:  # dbar_t is a curve [T]; the scalars are the statistics and the bounds
       metrics[f"bounds/{k}"] = v
   metrics.update(extra)
+  return targets, metrics
+
+
+def policy_loss(cfg, logp, mb):
+  """The surrogate on one minibatch: PPO clip (ratio vs mb["behaviour"]) or the paper's IS surrogate."""
+  if cfg.rl.loss == "ppo_clip":
+    return losses.ppo_clip_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], eps_low=cfg.rl.clip_low,
+                                eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None,
+                                aggregation=cfg.rl.aggregation)
+  return losses.is_loss(logp, mb["rollout_logp"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation)
+
+
+def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState,
+                   batch: RolloutBatch, rollout_params) -> tuple[TrainState, dict]:
+  """The whole update (see module docstring). Pure; `make_learner_step` jits it with shardings.
+
+  One epoch and one minibatch (the default): FUSED, a single learner forward gives the per-token
+  statistics and the differentiable log-probs; the mask and advantages are computed inside the loss
+  from stop-gradient values. Otherwise: a no-grad pass at the pre-update parameters fixes mask,
+  advantages and behaviour log-probs, then epochs x minibatches optimizer steps (lax.scan).
+  """
+  side, aux_roll = rollout_side(cfg, model_def, rollout_params, batch, backend)
+  if cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1:
+    def loss_fn(params):
+      stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
+      targets, metrics = analyse(cfg, stats, extra, batch)
+      mb = dict(targets, rollout_logp=batch.rollout_logp.astype(jnp.float32))
+      loss, aux = policy_loss(cfg, stats["learner_logp"], mb)
+      return loss, (metrics, aux)
+
+    (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
+                   clip_frac=aux.get("clip_frac", jnp.float32(0.0)))
+  else:
+    stats, extra = learner_stats(cfg, model_def.merge(state.params), batch, side, aux_roll, grad_logp=False)
+    targets, metrics = analyse(cfg, stats, extra, batch)
+    n_mb, b = cfg.rl.minibatches, batch.response.shape[0]
+    data = dict(prompt=batch.prompt, prompt_mask=batch.prompt_mask, response=batch.response,
+                response_mask=batch.response_mask, rollout_logp=batch.rollout_logp.astype(jnp.float32), **targets)
+    data = jax.tree.map(lambda x: x.reshape(n_mb, b // n_mb, *x.shape[1:]), data)
+    mbs = jax.tree.map(lambda x: jnp.tile(x, (cfg.rl.epochs,) + (1,) * (x.ndim - 1)), data)
+    (params, opt_state), aux = jax.lax.scan(_make_minibatch_update(cfg, model_def, tx),
+                                            (state.params, state.opt_state), mbs)
+    metrics.update(loss=aux["loss"].mean(), grad_norm=aux["grad_norm"].mean(), clip_frac=aux["clip_frac"].mean())
+  new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
 
 def _make_minibatch_update(cfg, model_def, tx):
-  sampling_t = cfg.rollout.temperature
-
   def loss_fn(params, mb):
     model = model_def.merge(params)
-    h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"],
-                              mb["response_mask"], numerics=LEARNER)
-    chunk = lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size)
-    logp, _ = lp.token_logp(model, h, mb["response"], numerics=LEARNER, temperature=sampling_t,
-                            chunk=chunk, remat=cfg.learner.remat)
-    if cfg.rl.loss == "ppo_clip":
-      return losses.ppo_clip_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], eps_low=cfg.rl.clip_low,
-                                  eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None,
-                                  aggregation=cfg.rl.aggregation)
-    return losses.is_loss(logp, mb["rollout_logp"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation)
+    h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
+                              numerics=LEARNER)
+    logp, _ = lp.token_logp(model, h, mb["response"], numerics=LEARNER, temperature=cfg.rollout.temperature,
+                            chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size),
+                            remat=cfg.learner.remat)
+    return policy_loss(cfg, logp, mb)
 
   def update(carry, mb):
     params, opt_state = carry

@@ -76,8 +76,12 @@ def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, re
   return map_chunks(one, chunk, h, tokens, remat=remat)
 
 
-def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk: int, rollout_side=None):
-  """One no-grad pass over time chunks: learner log-probs, entropy and, if given, exact divergences.
+def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk: int, rollout_side=None,
+                grad_logp: bool = False, remat: bool = True):
+  """One pass over time chunks: learner log-probs, entropy and, if given, exact divergences.
+
+  Everything is stop-gradient except `learner_logp` when grad_logp=True (the fused learner update
+  differentiates it; with remat the backward recomputes each chunk's logits instead of storing them).
 
   Args:
     learner: the learner model (merged NNX module); h_learner: [B, T, D] hidden states.
@@ -138,5 +142,8 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
   else:
     raise ValueError(f"unknown rollout side {kind!r}")
 
-  out = map_chunks(one, chunk, h_learner, tokens, *extra)
-  return jax.tree.map(jax.lax.stop_gradient, out)
+  def one_sg(*xs):
+    out = one(*xs)
+    return {k: v if (grad_logp and k == "learner_logp") else jax.lax.stop_gradient(v) for k, v in out.items()}
+
+  return map_chunks(one_sg, chunk, h_learner, tokens, *extra, remat=remat and grad_logp)

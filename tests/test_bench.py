@@ -1,0 +1,54 @@
+"""experiments/bench.py runs end to end on tiny shapes and writes the public JSON keys.
+
+No timing assertions: the speed targets live in the script (and docs/PERFORMANCE.md), not in unit tests.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  spec = importlib.util.spec_from_file_location("trm_bench", os.path.join(ROOT, "experiments", "bench.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_tiny_bench_writes_public_keys_and_memory_wins(tmp_path):
+  bench = _load_bench()
+  path = tmp_path / "bench.json"
+  # The cheapest parts (memory is compile-only; the sampler without transformers). The learner parts
+  # compile full train steps (~10 s each on 2 cores) and are exercised by `bench.py --tiny`.
+  res = bench.main(["--tiny", "--only", "memory,sampler", "--no-hf", "--json", str(path)])
+  data = json.loads(path.read_text())
+  for key in bench.PUBLIC_KEYS:
+    assert key in data, key
+  assert set(bench.PUBLIC_KEYS) <= set(res)
+  # chunked log-probs + exact divergences need less temp memory than [B,T,V] logits, even tiny
+  assert data["memory_naive_over_ours"] > 1.0
+  for row in data["memory"]["rows"]:
+    assert row["naive"] > row["ours"] and row["naive_grad"] > row["ours_grad"]
+  assert data["sampler_speedup_vs_recompute"] > 0
+  assert data["sampler_speedup_vs_transformers"] is None  # --no-hf: skipped with a message
+  assert "skipped" in data["sampler"]["transformers"]
+  assert data["table"] and all(len(r) == 4 for r in data["table"])
+
+
+def test_analytic_flops_counts_the_formula():
+  bench = _load_bench()
+  dims = dict(d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16)
+  fl = bench.bl.analytic_flops(dims, V=10, B=3, P=2, T=5, fused=False)
+  n_layers = 2 * (8 * 2 * 4 * 2 + 8 * 1 * 4 * 2 + 3 * 8 * 16)
+  S = 7
+  model = 6 * n_layers * 3 * S + 6 * 80 * 3 * 5 + 12 * 2 * 3 * S * S * 2 * 4
+  assert fl["model"] == model
+  assert fl["executed"] == model + 2 * n_layers * 3 * S + 2 * 80 * 3 * 5 + 4 * 2 * 3 * S * S * 2 * 4 + 2 * 80 * 3 * 5
+  fused = bench.bl.analytic_flops(dims, V=10, B=3, P=2, T=5, fused=True)
+  assert fused["executed"] == model + 2 * 80 * 3 * 5  # one forward: only the remat recompute on top
