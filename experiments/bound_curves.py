@@ -168,7 +168,7 @@ def run_label(run_dir: str, runs_dir: str) -> str:
   return re.sub(r"_s\d+$", "", rel)
 
 
-def measured_acceptance(runs_dir: str | None) -> list[dict]:
+def measured_acceptance(runs_dir: str | None, exclude: tuple = ("_warm", "pilot")) -> list[dict]:
   """Mean TRM acceptance per length bucket, per run group (runs with trm.criterion != none).
 
   Returns rows {group, criterion, bucket_lo, bucket_hi, accept_mean, n_steps, n_runs}; empty buckets are
@@ -179,7 +179,8 @@ def measured_acceptance(runs_dir: str | None) -> list[dict]:
   groups: dict[str, dict] = {}
   for path in sorted(glob.glob(os.path.join(runs_dir, "**", "metrics.jsonl"), recursive=True)):
     run_dir = os.path.dirname(path)
-    if "_warm" in run_dir.split(os.sep) or "warmstart" == os.path.basename(run_dir):
+    parts = os.path.relpath(run_dir, runs_dir).split(os.sep)
+    if any(p in exclude for p in parts) or parts[-1] == "warmstart":
       continue
     criterion = "?"
     cfg_path = os.path.join(run_dir, "config.json")
@@ -260,6 +261,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=common.DEFAULT_FIGURES)
   ap.add_argument("--runs_dir", default=common.DEFAULT_RUNS, help="where to look for measured acceptance")
   ap.add_argument("--T", default=",".join(map(str, T_GRID)), help="comma-separated horizons for bounds_vs_T")
+  ap.add_argument("--exclude", default="_warm,pilot", help="comma-separated run sub-directories to skip")
   ap.add_argument("--T_fixed", type=int, default=T_FIXED, help="horizon of bounds_vs_delta")
   args = ap.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
@@ -274,7 +276,7 @@ def main(argv=None) -> dict:
   out["bounds_vs_delta.png"] = _plot_bounds(rows_d, "delta", os.path.join(args.out, "bounds_vs_delta.png"),
                                             f"Bounds on |Error| vs delta at T={args.T_fixed} (KL_seq=0.01)")
   theory = acceptance_curves()
-  measured = measured_acceptance(args.runs_dir)
+  measured = measured_acceptance(args.runs_dir, tuple(x for x in args.exclude.split(",") if x))
   header = ["kind", "group", "criterion", "p", "bucket_lo", "bucket_hi", "T", "accept", "n_steps", "n_runs"]
   csv_rows = [["theory", "", "", r["p"], "", "", r["T"], r["accept"], "", ""] for r in theory]
   csv_rows += [["measured", m["group"], m["criterion"], "", m["bucket_lo"], m["bucket_hi"], "", m["accept_mean"],

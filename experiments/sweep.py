@@ -84,7 +84,8 @@ def summarize(points: list[dict], seeds: int, args) -> list[dict]:
       continue
     row = dict(p, seeds=len(per_seed))
     for c in COLUMNS:
-      row[c] = float(np.nanmean([r[c] for r in per_seed]))
+      v = np.asarray([r[c] for r in per_seed], np.float64)
+      row[c] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
     out.append(row)
   return out
 

@@ -72,3 +72,24 @@ def test_stop_and_resume_matches_uninterrupted(uninterrupted, data_dir, tmp_path
     for k in ("reward/mean", "loss", "grad_norm", "mismatch/kl_max", "mismatch/ppl_gap", "entropy",
               "response_length/mean", "trm/accept_rate"):
       np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-6, atol=1e-9, err_msg=f"step {step} {k}")
+
+
+def test_cli_runs_and_overrides(data_dir, tmp_path):
+  """`python -m trm_jax.main` parses a config argument and overrides, runs, and says where things are."""
+  import subprocess
+  import sys
+  workdir = tmp_path / "cli"
+  cmd = [sys.executable, "-m", "trm_jax.main", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}", "--config.rl.steps=1", "--config.warmstart.steps=2",
+         "--config.eval.every=0", "--config.trm.delta=0.07"]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user's laptop
+  out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "metrics:" in out.stdout and "curves:" in out.stdout
+  assert len(metrics_lib.read_jsonl(str(workdir / "metrics.jsonl"))) == 1
+  import json
+  assert json.load(open(workdir / "config.json"))["trm"]["delta"] == 0.07
+  bad = subprocess.run(cmd[:3] + ["--config.trm.detla=0.1"], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode != 0 and "detla" in bad.stderr

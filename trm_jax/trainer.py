@@ -11,7 +11,6 @@ resumed continues exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -141,8 +140,15 @@ def make_sft_step(setup: Setup):
 # ----------------------------------------------------------------------------- the run
 
 
-def _host(x):
-  return np.asarray(jax.device_get(x))
+@jax.jit
+def _batch_summary(rewards, mask):
+  """Scalars of a global (possibly multi-host) batch, reduced on device so every host can read them."""
+  return {"reward_mean": rewards.mean(), "solved_frac": (rewards >= 1.0).mean(), "tokens": mask.sum(),
+          "length_mean": mask.sum(-1).mean()}
+
+
+def _scalars(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
 def _repeat(batch: dict, g: int) -> dict:
@@ -228,11 +234,11 @@ def train(config, workdir: str) -> dict:
       history = history[1:] + [snapshot] if k > 1 else [snapshot]
     else:
       state, m = learner_step(state, batch)
-    m = {k_: float(v) for k_, v in jax.device_get(m).items()}
+    m = _scalars(m)
     t2 = time.perf_counter()
-    n_tokens = float(_host(out.mask).sum())
-    m.update({"reward/mean": float(_host(rewards).mean()), "response_length/mean": n_tokens / out.mask.shape[0],
-              "tokens_per_sec": n_tokens / (t2 - t0), "time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
+    s = _scalars(_batch_summary(rewards, out.mask))
+    m.update({"reward/mean": s["reward_mean"], "response_length/mean": s["length_mean"],
+              "tokens_per_sec": s["tokens"] / (t2 - t0), "time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
     if m["trm/accept_rate"] == 0.0 and not warned_all_rejected:
       warnings.warn(f"step {step}: every sequence was rejected; the update was zero (logged, not fatal)")
       warned_all_rejected = True
@@ -301,7 +307,8 @@ def _make_evaluator(setup: Setup):
   def evaluate(params, rng):
     out = sample(params, batch["prompt"], batch["prompt_mask"], rng)
     r = reward_fn(out.tokens, out.mask, batch["answer"], batch["answer_mask"])
-    return {"eval/reward_mean": float(_host(r).mean()),
-            "eval/solved_frac": float((_host(r) >= 1.0).mean())}
+    s = _scalars(_batch_summary(r, out.mask))
+    return {"eval/reward_mean": s["reward_mean"], "eval/solved_frac": s["solved_frac"],
+            "eval/response_length_mean": s["length_mean"]}
 
   return evaluate
