@@ -129,7 +129,25 @@ def summarise(mem: dict, T_ref: int, V_ref: int) -> dict:
                      "logits_growth_bytes": 4 * r["B"] * (r["T"] - lo["T"]) * r["V"],
                      "hidden_copies_growth_bytes": hidden,
                      "growth_minus_hidden_over_one_chunk": (extra - hidden) / r["one_chunk_logits_bytes"]})
+  # The V*T term: for fixed B and two vocabularies V1 < V2, d(T) = ours(T, V2) - ours(T, V1) is the
+  # V-dependent part of ours' temp memory. It must not grow with T (beyond one chunk of logits at V2);
+  # a program holding [B,T,V] logits would grow it by 4*B*(T - T_min)*(V2 - V1) bytes.
+  vt = []
+  for B in sorted({r["B"] for r in rows}):
+    vs = sorted({r["V"] for r in rows if r["B"] == B})
+    ts = sorted({r["T"] for r in rows if r["B"] == B})
+    at = {(r["T"], r["V"]): r for r in rows if r["B"] == B}
+    for v1, v2 in zip(vs, vs[1:]):
+      full = [t for t in ts if (t, v1) in at and (t, v2) in at]
+      if len(full) < 2:
+        continue
+      chunk_v2 = at[(full[-1], v2)]["one_chunk_logits_bytes"]
+      for prog in ("ours", "ours_grad"):
+        d = {t: at[(t, v2)][prog] - at[(t, v1)][prog] for t in full}
+        vt.append({"program": prog, "B": B, "V1": v1, "V2": v2, "d_by_T": d,
+                   "vt_growth_in_chunks": (max(d.values()) - d[full[0]]) / chunk_v2,
+                   "naive_would_grow_in_chunks": 4 * B * (full[-1] - full[0]) * (v2 - v1) / chunk_v2})
   max_chunks = max(r["ours_minus_hidden_in_chunks"] for r in rows)
-  worst = max((g.get("growth_minus_hidden_over_one_chunk", 0.0) for g in growth), default=0.0)
-  return {"naive_over_ours_ref": headline, "ref": {"T": T_ref, "V": V_ref}, "growth": growth,
+  worst = max((g["vt_growth_in_chunks"] for g in vt), default=None)
+  return {"naive_over_ours_ref": headline, "ref": {"T": T_ref, "V": V_ref}, "growth": growth, "vt_growth": vt,
           "max_ours_minus_hidden_in_chunks": max_chunks, "worst_vt_growth_in_chunks": worst}

@@ -141,8 +141,7 @@ def _plot_bounds(rows: list[dict], x: str, path: str, title: str) -> str:
       color = "k" if key == "unified" else None
       ax.plot(xs, [r[key] for r in sub], linestyle=ls, lw=lw, label=label, color=color)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.text(xs[0], 1.15, "|Error| <= 1 trivially (R in [0,1]) -- bounds above this line are vacuous",
-            fontsize=7, color="gray")
+    ax.text(xs[0], 1.15, "1 = the range of J (R in [0,1]); a certificate needs L' > B*", fontsize=7, color="gray")
     ax.set_xscale("log", base=2 if x == "T" else 10)
     ax.set_yscale("log")
     ax.set_xlabel("horizon T (tokens)" if x == "T" else "delta = max_t KL(roll || theta)")

@@ -93,3 +93,19 @@ def test_cli_runs_and_overrides(data_dir, tmp_path):
   bad = subprocess.run(cmd[:3] + ["--config.trm.detla=0.1"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode != 0 and "detla" in bad.stderr
+
+
+def test_staleness_k2_rollout_uses_params_two_updates_old(data_dir, tmp_path):
+  """f32 backend, staleness_k=2: step 1 and 2 sample with older snapshots; the mismatch is staleness alone."""
+  cfg = smoke_config(data_dir, **{"rollout.backend.precision": "float32", "rollout.backend.attention": "standard",
+                                  "rollout.backend.staleness_k": 2, "optim.lr": 3e-3, "eval.every": 0,
+                                  "warmstart.steps": 120, "rl.group_size": 4,  # varied rewards -> non-zero updates
+                                  "checkpoint.every": 0, "log.plot": False, "log.tensorboard": False})
+  trainer.train(cfg, str(tmp_path))
+  rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  kl = [r["mismatch/kl_max"] for r in rows]
+  assert any(r["grad_norm"] > 0 for r in rows[:2]), "no update happened: the test would prove nothing"
+  # Step 1: rollout params = warm-start params = learner params -> exact agreement (same f32 program).
+  assert kl[0] < 1e-6, kl
+  # Step 2: rollout still the warm-start params, learner one update ahead; step 3+: two updates ahead.
+  assert all(k > 1e-6 for k in kl[1:]), kl

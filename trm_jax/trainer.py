@@ -179,7 +179,7 @@ def train(config, workdir: str) -> dict:
   params = setup.init_params()
   opt_state = sharding_lib.init_sharded(setup.tx.init, params, mesh)
   state = learner_lib.TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
-  history = [params] * k  # rollout snapshots, oldest first: the rollout uses history[0]
+  history = _snapshots(params, k)  # rollout snapshots, oldest first: the rollout uses history[0]
 
   start = 0
   latest = ckpt.latest_step() if cfg.checkpoint.resume else None
@@ -287,7 +287,16 @@ def _warmstart(setup: Setup, state, history, ws_iter, workdir):
   # The RL optimizer starts fresh on the warm-started parameters.
   state = learner_lib.TrainState(params=params, opt_state=sharding_lib.init_sharded(setup.tx.init, params, setup.mesh),
                                  step=jnp.zeros((), jnp.int32))
-  return state, [params] * len(history)
+  return state, _snapshots(params, len(history))
+
+
+def _snapshots(params, k: int) -> list:
+  """k rollout snapshots of `params`: ONE copy shared by all k (they are never donated), never the
+  learner's own buffers, which the learner step donates."""
+  if k == 0:
+    return []
+  copy = jax.tree.map(jnp.copy, params)
+  return [copy] * k
 
 
 def _make_evaluator(setup: Setup):
