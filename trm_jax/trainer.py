@@ -239,10 +239,11 @@ def train(config, workdir: str) -> dict:
     s = _scalars(_batch_summary(rewards, out.mask))
     m.update({"reward/mean": s["reward_mean"], "response_length/mean": s["length_mean"],
               "tokens_per_sec": s["tokens"] / (t2 - t0), "time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
+    done = step + 1  # steps are counted from 1 in metrics.jsonl, checkpoints and messages
     if m["trm/accept_rate"] == 0.0 and not warned_all_rejected:
-      warnings.warn(f"step {step}: every sequence was rejected; the update was zero (logged, not fatal)")
+      warnings.warn(f"step {done}: every sequence was rejected, so the update was zero (not fatal; "
+                    f"trm/accept_rate is logged every step, and this warning is shown once)")
       warned_all_rejected = True
-    done = step + 1
     if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.rl.steps):
       m.update(evaluate(state.params, jax.random.fold_in(seed_key, 10_000_000 + step)))
     writer.write(done, m)
