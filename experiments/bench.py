@@ -37,12 +37,11 @@ try:
 except ImportError:  # run from a checkout without installing
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import bench_learner as bl  # noqa: E402
-import bench_memory as bm  # noqa: E402
-import bench_sampler as bs  # noqa: E402
+import bench_learner as bl
+import bench_memory as bm
+import bench_sampler as bs
+import jax
+import jax.numpy as jnp
 
 log = bl.log
 
@@ -92,8 +91,8 @@ def _git() -> dict:
   import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--short", "trm_jax"], cwd=root, capture_output=True, text=True).stdout
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=False).stdout
+    dirty = subprocess.run(["git", "status", "--short", "trm_jax"], cwd=root, capture_output=True, text=True, check=False).stdout
     return {"commit": head.strip(), "trm_jax_modified": [l[3:] for l in dirty.splitlines()]}
   except OSError:
     return {}
@@ -198,6 +197,10 @@ def table_rows(res: dict) -> list:
     big = max(mem["rows"], key=lambda r: r["B"] * r["T"] * r["V"])
     add(f"Memory naive/ours at the largest shape B={big['B']} T={big['T']} V={big['V']}",
         big["naive_over_ours"], "-", None, "{:.1f}")
+    pr = mem.get("proposed_sliced_map_chunks")
+    if pr:
+      add(f"  ours with a slice-based map_chunks (proposed), B={pr['B']} T={pr['T']} V={pr['V']}: MiB",
+          f"{pr['ours'] / 2**20:.0f} -> {pr['sliced_ours'] / 2**20:.0f}", "-", None)
     w = s["worst_vt_growth_in_chunks"]
     add("Memory: growth of ours' V-dependent temp bytes with T, in chunks of logits", w, "<= 1",
         None if w is None else w <= 1.0, "{:.2f}")

@@ -22,6 +22,7 @@ with it Adaptive-KL equals Pinsker-Marginal KL and Adaptive-TV equals Coupling (
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -29,6 +30,7 @@ import os
 import re
 import sys
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,27 +80,33 @@ def all_bounds(T, delta, eps, kl_seq, tv_seq) -> dict:
   The Adaptive bounds get the worst-case uniform Dbar_t = min(1, eps, sqrt(delta/2)) over t = 1..max(T).
   Vectorised over the grid so each bound is one call (a few jnp shapes, seconds in total).
   """
-  from trm_jax import bounds
   T = np.asarray(T, np.int64)
-  delta, eps = np.asarray(delta, np.float64), np.asarray(eps, np.float64)
-  kl_seq, tv_seq = np.asarray(kl_seq, np.float64), np.asarray(tv_seq, np.float64)
+  delta, eps = np.asarray(delta, np.float32), np.asarray(eps, np.float32)
+  kl_seq, tv_seq = np.asarray(kl_seq, np.float32), np.asarray(tv_seq, np.float32)
   t_max = int(T.max())
   c = np.minimum(np.minimum(1.0, eps), np.sqrt(delta / 2))
   dbar = (np.asarray(c, np.float32)[..., None] * np.ones((t_max,), np.float32))
-  f = lambda x: np.asarray(x, np.float64)
+  out = _bounds_jit(T.astype(np.float32), delta, eps, kl_seq, tv_seq, dbar, t_max=t_max)
+  return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("t_max",))
+def _bounds_jit(T, delta, eps, kl_seq, tv_seq, dbar, *, t_max):
+  """All of trm_jax.bounds in one compiled program (one compile instead of hundreds of eager ops)."""
+  from trm_jax import bounds
   return {
-      "classical_kl": f(bounds.classical_kl(T, delta)),
-      "classical_tv": f(bounds.classical_tv(T, eps)),
-      "coupling": f(bounds.coupling(T, eps, t_max=t_max)),
-      "linear": f(bounds.linear(T, eps)),
-      "pinsker_marginal_kl": f(bounds.pinsker_marginal_kl(T, delta, t_max=t_max)),
-      "pinsker_marginal_tv": f(bounds.pinsker_marginal_tv(T, delta, eps, t_max=t_max)),
-      "adaptive_kl": f(bounds.adaptive_kl(delta, dbar, T=T)),
-      "adaptive_tv": f(bounds.adaptive_tv(eps, dbar, T=T)),
-      "adaptive": f(bounds.adaptive(delta, eps, dbar, T=T)),
-      "mixed_kl": f(bounds.mixed_kl(T, delta, kl_seq)),
-      "mixed_tv": f(bounds.mixed_tv(T, eps, tv_seq)),
-      "unified": f(bounds.unified(T, delta, eps, kl_seq, tv_seq, t_max=t_max)),
+      "classical_kl": bounds.classical_kl(T, delta),
+      "classical_tv": bounds.classical_tv(T, eps),
+      "coupling": bounds.coupling(T, eps, t_max=t_max),
+      "linear": bounds.linear(T, eps),
+      "pinsker_marginal_kl": bounds.pinsker_marginal_kl(T, delta, t_max=t_max),
+      "pinsker_marginal_tv": bounds.pinsker_marginal_tv(T, delta, eps, t_max=t_max),
+      "adaptive_kl": bounds.adaptive_kl(delta, dbar, T=T),
+      "adaptive_tv": bounds.adaptive_tv(eps, dbar, T=T),
+      "adaptive": bounds.adaptive(delta, eps, dbar, T=T),
+      "mixed_kl": bounds.mixed_kl(T, delta, kl_seq),
+      "mixed_tv": bounds.mixed_tv(T, eps, tv_seq),
+      "unified": bounds.unified(T, delta, eps, kl_seq, tv_seq, t_max=t_max),
   }
 
 
@@ -211,9 +219,15 @@ def acceptance_curves(T_grid=None) -> list[dict]:
   return [{"p": p, "T": int(T), "accept": (1.0 - p) ** T} for p in P_GRID for T in T_grid]
 
 
+MIN_STEPS = 5  # buckets observed on fewer steps are kept in the CSV but not drawn (too few sequences)
+
+
 def _plot_acceptance(theory: list[dict], measured: list[dict], path: str, runs_dir: str | None) -> str:
   plt = common.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  families = sorted({m["group"].split(os.sep)[0] for m in measured})
+  fig, axes = plt.subplots(1, 1 + max(len(families), 1), figsize=(6 * (1 + max(len(families), 1)), 5),
+                           squeeze=False)
+  axes = axes[0]
   ax = axes[0]
   for p in P_GRID:
     pts = [(r["T"], r["accept"]) for r in theory if r["p"] == p]
@@ -224,33 +238,41 @@ def _plot_acceptance(theory: list[dict], measured: list[dict], path: str, runs_d
   ax.text(16, 0.72, "keep acceptance above ~70% (paper)", fontsize=7, color="gray")
   ax.set_xlabel("sequence length T")
   ax.set_ylabel("P(sequence accepted)")
-  ax.set_title("i.i.d. per-token violation probability p (paper Sec. 3)")
+  ax.set_title("i.i.d. per-token violation probability p (paper Sec. 3)", fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  ax = axes[1]
-  if measured:
-    for name in sorted({m["group"] for m in measured}):
-      pts = [((m["bucket_lo"] * m["bucket_hi"]) ** 0.5 if m["bucket_lo"] else m["bucket_hi"] / 2,
-              m["accept_mean"]) for m in measured if m["group"] == name]
-      ax.plot(*zip(*pts), marker="o", label=name)
-    for p in P_GRID:
-      pts = [(r["T"], r["accept"]) for r in theory if r["p"] == p and r["T"] <= 1024]
-      ax.plot(*zip(*pts), color="gray", ls="--", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title(f"measured TRM acceptance by length bucket ({os.path.relpath(runs_dir) if runs_dir else ''})",
-                 fontsize=9)
-  else:
+  if not measured:
+    ax = axes[1]
     ax.text(0.5, 0.5, f"no TRM runs with trm/accept_rate/len_* metrics under\n{runs_dir!r}:\n"
             "run experiments/paper_figures.py or experiments/sweep.py first", ha="center", va="center",
             fontsize=9, transform=ax.transAxes)
     ax.set_title("measured acceptance (skipped)")
-  ax.set_xlabel("response length bucket (geometric midpoint)")
-  ax.set_ylabel("mean accept rate over steps")
-  ax.grid(alpha=0.3)
+  styles = ["-", "--", "-.", ":"]
+  for ax, fam in zip(axes[1:], families):
+    groups = sorted({m["group"] for m in measured if m["group"].split(os.sep)[0] == fam})
+    for i, name in enumerate(groups):
+      pts = sorted((m["bucket_lo"], m["bucket_hi"], m["accept_mean"]) for m in measured
+                   if m["group"] == name and m["n_steps"] >= MIN_STEPS)
+      if not pts:
+        continue
+      lo, hi, acc = (np.array(v, np.float64) for v in zip(*pts))
+      x = np.sqrt(np.maximum(lo, 1.0) * hi)
+      ax.errorbar(x, acc, xerr=[x - np.maximum(lo, 1.0), hi - x], marker="o", ms=4, capsize=2,
+                  ls=styles[(i // 10) % len(styles)], label=name.split(os.sep, 1)[-1])
+    for p in P_GRID + (1e-2,):
+      T = np.array([2 ** k for k in range(3, 11)])
+      ax.plot(T, (1 - p) ** T, color="gray", ls="--", lw=0.8)
+      ax.text(T[-1], (1 - p) ** T[-1], f" p={p:g}", fontsize=6, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=6)
+    ax.set_title(f"measured TRM accept rate by length bucket: {fam}", fontsize=9)
+    ax.set_xlabel(f"response length bucket [lo, hi) (buckets seen on >= {MIN_STEPS} steps)")
+    ax.set_ylabel("accept rate, mean over steps and seeds")
+    ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
 

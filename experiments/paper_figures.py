@@ -8,6 +8,7 @@ policy) and trm/accept_rate against RL step; line = mean over seeds, band = min.
   a  token-level TIS (configs/baselines.py name=tis) vs PPO clip (name=ppo_clip)
   b  TRM-Max (delta) and TRM-Avg (delta_avg) vs PPO clip
   c  loose Max alone, loose Avg alone, and both combined (criterion=max_avg)
+  s  (not in the paper) stress test: uncorrected plain-IS surrogate (name=none) vs PPO clip
 
 All runs share one rollout backend (--backend, --noise_scale; the default is the backend chosen by the
 pilot documented in experiments/README.md) and the tiny model / running_sum task of configs/default.py.
@@ -47,8 +48,10 @@ FIGURES = {
     "a": ("Token-level IS vs PPO clip", ("tis", "ppo_clip")),
     "b": ("TRM-Max and TRM-Avg vs PPO clip", ("trm_max", "trm_avg", "ppo_clip")),
     "c": ("Loose thresholds: Max alone, Avg alone, Max&Avg", ("loose_max", "loose_avg", "loose_max_avg")),
+    # Not in the paper: a stress test of the uncorrected learner (plain IS surrogate, no clip, no mask).
+    "s": ("Stress: uncorrected IS vs PPO clip", ("none", "ppo_clip")),
 }
-COLORS = {"ppo_clip": "tab:red", "tis": "tab:blue", "trm_max": "tab:green", "trm_avg": "tab:purple",
+COLORS = {"none": "tab:gray", "ppo_clip": "tab:red", "tis": "tab:blue", "trm_max": "tab:green", "trm_avg": "tab:purple",
           "loose_max": "tab:orange", "loose_avg": "tab:brown", "loose_max_avg": "tab:green"}
 
 
@@ -60,7 +63,7 @@ def method_spec(method: str, seed: int, args) -> RunSpec:
     overrides.append(("rollout.backend.logit_noise_scale", args.noise_scale))
   tag = f"{args.backend}{args.noise_scale:g}" if args.backend == "noise" else args.backend
   tag += f"_n{args.steps}"
-  if method in ("tis", "ppo_clip"):
+  if method in ("none", "tis", "ppo_clip"):
     config, arg, label = "baselines", f"name={method},{common_arg}", method
   elif method == "trm_max":
     config, arg, label = "trm", f"criterion=max,delta={args.delta_max},{common_arg}", f"trm_max_d{args.delta_max:g}"
@@ -80,7 +83,7 @@ def method_spec(method: str, seed: int, args) -> RunSpec:
 
 
 def method_label(method: str, args) -> str:
-  return {"tis": "token TIS (+PPO clip)", "ppo_clip": "PPO clip [0.8, 1.28]",
+  return {"none": "uncorrected (plain IS surrogate)", "tis": "token TIS (+PPO clip)", "ppo_clip": "PPO clip [0.8, 1.28]",
           "trm_max": f"TRM-Max delta={args.delta_max:g}", "trm_avg": f"TRM-Avg delta_avg={args.delta_avg:g}",
           "loose_max": f"Max alone delta={args.loose_max:g}", "loose_avg": f"Avg alone delta_avg={args.loose_avg:g}",
           "loose_max_avg": f"Max&Avg {args.loose_max:g} & {args.loose_avg:g}"}[method]
@@ -103,8 +106,9 @@ def curves_csv(path: str, agg: dict[str, dict[str, dict]]) -> str:
   return common.write_csv(path, ["method", "metric", "step", "mean", "std", "min", "max", "n_seeds"], rows)
 
 
-def summarize(runs: dict[str, list[list[dict]]], last_k: int = 5) -> list[list]:
-  """Per method: final eval score, final rollout reward (mean of the last k steps), PPL gap, accept rate.
+def summarize(runs: dict[str, list[list[dict]]], last_k: int = 5, reference: str = "ppo_clip") -> list[list]:
+  """Per method: final eval score, final rollout reward (mean of the last k steps), PPL gap, accept rate,
+  and the final eval minus the reference method's on the same seed (paired; nan without a reference).
 
   Each is the mean over seeds with the population std and the min..max over seeds.
   """
@@ -123,23 +127,35 @@ def summarize(runs: dict[str, list[list[dict]]], last_k: int = 5) -> list[list]:
     gap_mean = stat(lambda r: np.mean(list(common.series(r, "mismatch/ppl_gap").values())))
     gap_final = stat(lambda r: common.final_value(r, "mismatch/ppl_gap", last_k))
     accept = stat(lambda r: np.mean(list(common.series(r, "trm/accept_rate").values())))
-    out.append([m, len(rows_list), *first_eval, *final_eval, *final_reward, *gap_mean, *gap_final, *accept])
+    # Paired by seed (each seed's runs share one warm start): final eval minus the reference's.
+    ref = runs.get(reference)
+    if ref is not None and len(ref) == len(rows_list):
+      d = [common.final_value(a, "eval/reward_mean", 1) - common.final_value(b, "eval/reward_mean", 1)
+           for a, b in zip(rows_list, ref)]
+      diff = [float(np.mean(d)), float(np.std(d)), float(np.min(d)), float(np.max(d))]
+    else:
+      diff = [float("nan")] * 4
+    out.append([m, len(rows_list), *first_eval, *final_eval, *final_reward, *gap_mean, *gap_final, *accept, *diff])
   return out
 
 
 SUMMARY_HEADER = ["method", "seeds"] + [f"{q}_{s}" for q in ("first_eval", "final_eval", "final_reward_last5",
-                                                             "ppl_gap_mean", "ppl_gap_last5", "accept_mean")
+                                                             "ppl_gap_mean", "ppl_gap_last5", "accept_mean",
+                                                             "final_eval_minus_ref")
                                         for s in ("mean", "std", "min", "max")]
 
 
 def summary_markdown(summary: list[list]) -> str:
   cols = ["method", "seeds", "first eval", "final eval", "rollout reward (last 5)", "PPL gap (all steps)",
-          "PPL gap (last 5)", "accept rate"]
+          "PPL gap (last 5)", "accept rate", "final eval - ref (paired)"]
   rows = []
   for r in summary:
     cells = [r[0], r[1]]
-    for i in range(6):
+    for i in range(7):
       mean, std, lo, hi = r[2 + 4 * i: 6 + 4 * i]
+      if not np.isfinite(mean):
+        cells.append("-")
+        continue
       prec = ".4f" if i in (3, 4) else ".3f"
       cells.append(f"{mean:{prec}} ± {std:{prec}} [{lo:{prec}}, {hi:{prec}}]")
     rows.append(cells)
@@ -186,24 +202,27 @@ def make_figure(fig: str, args, *, run: bool = True) -> dict:
   labels = {m: method_label(m, args) for m in methods}
   backend = f"{args.backend}" + (f" (logit_noise_scale={args.noise_scale:g}, df=2)" if args.backend == "noise" else "")
   os.makedirs(args.out, exist_ok=True)
+  fig_name = fig + args.suffix
   out = {
-      "png": plot_figure(os.path.join(args.out, f"figure_{fig}.png"), f"({fig}) {title} -- backend {backend}",
+      "png": plot_figure(os.path.join(args.out, f"figure_{fig_name}.png"), f"({fig}) {title} -- backend {backend}",
                          agg, labels),
-      "csv": curves_csv(os.path.join(args.out, f"figure_{fig}.csv"), agg),
+      "csv": curves_csv(os.path.join(args.out, f"figure_{fig_name}.csv"), agg),
   }
-  summary = summarize(runs)
-  out["summary_csv"] = common.write_csv(os.path.join(args.out, f"figure_{fig}_summary.csv"), SUMMARY_HEADER, summary)
+  summary = summarize(runs, reference="ppo_clip" if "ppo_clip" in runs else methods[-1])
+  out["summary_csv"] = common.write_csv(os.path.join(args.out, f"figure_{fig_name}_summary.csv"), SUMMARY_HEADER, summary)
   md = summary_markdown(summary)
-  with open(os.path.join(args.out, f"figure_{fig}_summary.md"), "w") as f:
+  with open(os.path.join(args.out, f"figure_{fig_name}_summary.md"), "w") as f:
     f.write(md + "\n")
   out["summary_md"] = md
-  print(f"\n## figure {fig}: {title}\n{md}\n", flush=True)
+  print(f"\n## figure {fig_name}: {title}\n{md}\n", flush=True)
   return out
 
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--figure", default="all", choices=("a", "b", "c", "all"))
+  ap.add_argument("--figure", default="all", choices=("a", "b", "c", "s", "all"),
+                  help="a|b|c: the paper's figures (all = a, b, c); s: stress test, uncorrected IS vs PPO clip")
+  ap.add_argument("--suffix", default="", help="appended to the output file names (figure_<x><suffix>.png)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=40)
   ap.add_argument("--runs_dir", default=common.DEFAULT_RUNS)

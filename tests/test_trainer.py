@@ -43,6 +43,8 @@ def uninterrupted(tmp_path_factory, data_dir):
 def test_smoke_run_writes_every_metric(uninterrupted):
   workdir, summary = uninterrupted
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert rows[0]["step"] == 0 and "eval/reward_mean" in rows[0] and "loss" not in rows[0]  # eval at start
+  rows = rows[1:]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for row in rows:
     missing = [k for k in REQUIRED if k not in row]
@@ -67,7 +69,7 @@ def test_stop_and_resume_matches_uninterrupted(uninterrupted, data_dir, tmp_path
   trainer.train(smoke_config(data_dir), workdir_b)  # resumes from checkpoint 2
   a = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir_a, "metrics.jsonl"))}
   b = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir_b, "metrics.jsonl"))}
-  assert sorted(b) == [1, 2, 3, 4]
+  assert sorted(b) == [0, 1, 2, 3, 4]
   for step in (3, 4):
     for k in ("reward/mean", "loss", "grad_norm", "mismatch/kl_max", "mismatch/ppl_gap", "entropy",
               "response_length/mean", "trm/accept_rate"):
@@ -103,6 +105,7 @@ def test_staleness_k2_rollout_uses_params_two_updates_old(data_dir, tmp_path):
                                   "checkpoint.every": 0, "log.plot": False, "log.tensorboard": False})
   trainer.train(cfg, str(tmp_path))
   rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  rows = [r for r in rows if r["step"] > 0]
   kl = [r["mismatch/kl_max"] for r in rows]
   assert any(r["grad_norm"] > 0 for r in rows[:2]), "no update happened: the test would prove nothing"
   # Step 1: rollout params = warm-start params = learner params -> exact agreement (same f32 program).

@@ -102,6 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.every = 10  # RL steps between evaluations; 0 = never
   c.eval.num_prompts = 32  # held-out prompts per evaluation (greedy-free: sampled at eval.temperature)
   c.eval.temperature = 1.0
+  c.eval.at_start = True  # also evaluate the warm-started policy, logged as step 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all devices not used by the other axes

@@ -211,6 +211,9 @@ def train(config, workdir: str) -> dict:
   reward_fn = jax.jit(task.reward)
   evaluate = _make_evaluator(setup)
 
+  if latest is None and evaluate is not None and cfg.eval.at_start:
+    # Step 0: the warm-started policy, so every curve starts from a common measured point.
+    writer.write(0, evaluate(state.params, jax.random.fold_in(seed_key, 10_000_000 - 1)))
   bar = metrics_lib.progress(cfg.rl.steps, start, cfg.log.progress, "RL")
   last = {}
   warned_all_rejected = False
