@@ -197,10 +197,6 @@ def table_rows(res: dict) -> list:
     big = max(mem["rows"], key=lambda r: r["B"] * r["T"] * r["V"])
     add(f"Memory naive/ours at the largest shape B={big['B']} T={big['T']} V={big['V']}",
         big["naive_over_ours"], "-", None, "{:.1f}")
-    pr = mem.get("proposed_sliced_map_chunks")
-    if pr:
-      add(f"  ours with a slice-based map_chunks (proposed), B={pr['B']} T={pr['T']} V={pr['V']}: MiB",
-          f"{pr['ours'] / 2**20:.0f} -> {pr['sliced_ours'] / 2**20:.0f}", "-", None)
     w = s["worst_vt_growth_in_chunks"]
     add("Memory: growth of ours' V-dependent temp bytes with T, in chunks of logits", w, "<= 1",
         None if w is None else w <= 1.0, "{:.2f}")

@@ -77,41 +77,6 @@ def naive_grad(h, h_roll, w, w_roll, tokens):
   return naive(h, h_roll, w, w_roll, tokens), jax.grad(loss, argnums=(0, 1))(h, w)
 
 
-def sliced_map_chunks(fn, chunk: int, *arrays, remat: bool = False):
-  """A candidate replacement for trm_jax.logprobs.map_chunks (same contract) that takes each chunk with
-  lax.dynamic_slice of the unpadded inputs instead of materialising a transposed [n, B, C, ...] copy of
-  every input; only a ragged last chunk is handled by padding. Measured here, not used by trm_jax."""
-  t = arrays[0].shape[1]
-  chunk = max(1, min(chunk, t))
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  if pad:
-    arrays = tuple(None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
-  body = jax.checkpoint(fn) if remat else fn
-
-  def one(i):
-    return body(*(None if x is None else jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
-                  for x in arrays))
-
-  out = jax.lax.map(one, jnp.arange(n))
-
-  def merge(y):
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :t]
-
-  return jax.tree.map(merge, out)
-
-
-def proposed_temp_bytes(B, T, V, D) -> dict:
-  """temp bytes of ours / ours+grad with `sliced_map_chunks` patched into trm_jax.logprobs (compile only)."""
-  orig = lp.map_chunks
-  lp.map_chunks = sliced_map_chunks
-  try:
-    return {"ours": temp_bytes(ours(), B, T, V, D)[0], "ours_grad": temp_bytes(ours_grad(), B, T, V, D)[0]}
-  finally:
-    lp.map_chunks = orig
-
-
 def temp_bytes(fn, B, T, V, D) -> tuple[int, float]:
   S = jax.ShapeDtypeStruct
   args = (S((B, T, D), jnp.float32), S((B, T, D), jnp.float32), S((D, V), jnp.float32), S((D, V), jnp.float32),
@@ -144,15 +109,7 @@ def bench_memory(grid, D: int, log=print) -> dict:
     log(f"memory {i + 1}/{len(grid)}: B={B} T={T} V={V}: ours {r['ours'] / 2**20:.0f} MiB, "
         f"ours+grad {r['ours_grad'] / 2**20:.0f} MiB, naive {r['naive'] / 2**30:.2f} GiB, "
         f"naive+grad {r['naive_grad'] / 2**30:.2f} GiB (x{r['naive_over_ours']:.1f}; {secs:.1f}s compile)")
-  # the candidate map_chunks (recommendation in docs/PERFORMANCE.md) at the largest B*T of the grid
-  big = max(rows, key=lambda r: (r["B"] * r["T"], -r["V"]))
-  prop = proposed_temp_bytes(big["B"], big["T"], big["V"], D)
-  proposed = {"B": big["B"], "T": big["T"], "V": big["V"], "ours": big["ours"], "ours_grad": big["ours_grad"],
-              "sliced_ours": prop["ours"], "sliced_ours_grad": prop["ours_grad"]}
-  log(f"memory: slice-based map_chunks at B={big['B']} T={big['T']} V={big['V']}: ours "
-      f"{big['ours'] / 2**20:.0f} -> {prop['ours'] / 2**20:.0f} MiB, ours+grad {big['ours_grad'] / 2**20:.0f} -> "
-      f"{prop['ours_grad'] / 2**20:.0f} MiB")
-  return {"rows": rows, "D": D, "proposed_sliced_map_chunks": proposed}
+  return {"rows": rows, "D": D}
 
 
 def summarise(mem: dict, T_ref: int, V_ref: int) -> dict:

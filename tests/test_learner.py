@@ -151,3 +151,13 @@ def test_fused_update_equals_two_pass(meshes, source):
     np.testing.assert_allclose(m_f[k], m_t[k], rtol=1e-5, atol=1e-7, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p_f, p_t)
   assert m_f["grad_norm"] > 0 and 0 < m_f["trm/accept_rate"] <= 1
+
+
+def test_bf16_learner_runs_close_to_f32(meshes):
+  batch = near_learner(tiny_config(), make_batch(2))
+  sgd = optax.sgd(1e-2)
+  _, m32 = run(tiny_config(), meshes[1], batch, sgd)
+  _, m16 = run(tiny_config(**{"learner.dtype": "bfloat16"}), meshes[1], batch, sgd)
+  assert np.isfinite(m16["loss"]) and m16["grad_norm"] > 0
+  np.testing.assert_allclose(m16["grad_norm"], m32["grad_norm"], rtol=0.05)
+  assert m16["mismatch/kl_max"] != m32["mismatch/kl_max"]  # bf16 is a different learner policy

@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.learner = ml_collections.ConfigDict()
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
   c.learner.remat = True  # rematerialise each chunk's logits in the backward pass (memory: one chunk)
+  c.learner.dtype = "float32"  # learner activations/weights: float32 | bfloat16 (master params stay float32)
   c.learner.fuse = True  # epochs = minibatches = 1: one learner forward for statistics AND gradient
 
   c.eval = ml_collections.ConfigDict()
@@ -186,6 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.optim.lr >= 0, "optim.lr", "must be >= 0")
   _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
+  _one_of(config, "learner.dtype", ("float32", "bfloat16"))
   _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]

@@ -26,7 +26,7 @@ from trm_jax import advantages as advantages_lib
 from trm_jax import bounds, divergence, losses, masking
 from trm_jax import logprobs as lp
 from trm_jax import sharding as sharding_lib
-from trm_jax.models import LEARNER
+from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout.backends import RolloutBackend, routing_flip_frac
 from trm_jax.rollout.batch import RolloutBatch
 
@@ -54,6 +54,14 @@ class ModelDef:
 def split_model(model) -> tuple[ModelDef, Any]:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return ModelDef(graphdef, rest), params
+
+
+def learner_numerics(cfg) -> Numerics:
+  """The learner's numerics: float32 (default) or bfloat16 activations and weights (master params stay
+  float32 in the optimizer), e.g. for MFU on GPUs and TPUs."""
+  if cfg.learner.dtype == "float32":
+    return LEARNER
+  return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype)
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -132,9 +140,9 @@ def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_log
   """One chunked pass of the learner: per-token log-probs (differentiable if grad_logp), entropy and
   the exact divergences against the rollout side; plus the MoE routing-flip fraction."""
   h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
-                              numerics=LEARNER)
+                              numerics=learner_numerics(cfg))
   stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), batch.response,
-                         learner_numerics=LEARNER,
+                         learner_numerics=learner_numerics(cfg),
                          sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
                          chunk=lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size),
                          rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat)
@@ -260,8 +268,9 @@ def _make_minibatch_update(cfg, model_def, tx):
   def loss_fn(params, mb):
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
-                              numerics=LEARNER)
-    logp, _ = lp.token_logp(model, h, mb["response"], numerics=LEARNER, temperature=cfg.rollout.temperature,
+                              numerics=learner_numerics(cfg))
+    logp, _ = lp.token_logp(model, h, mb["response"], numerics=learner_numerics(cfg),
+                            temperature=cfg.rollout.temperature,
                             chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size),
                             remat=cfg.learner.remat)
     return policy_loss(cfg, logp, mb)

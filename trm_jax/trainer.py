@@ -30,7 +30,7 @@ from trm_jax import metrics as metrics_lib
 from trm_jax import sharding as sharding_lib
 from trm_jax.data import pipeline, tasks
 from trm_jax.data.tokenizer import Tokenizer
-from trm_jax.models import LEARNER, Transformer, model_config_from
+from trm_jax.models import Transformer, model_config_from
 from trm_jax.rollout import sampler as sampler_lib
 from trm_jax.rollout.backends import backend_from_config
 from trm_jax.rollout.batch import RolloutBatch
@@ -122,10 +122,10 @@ def make_sft_step(setup: Setup):
   def loss_fn(params, batch):
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, batch["prompt"], batch["prompt_mask"], batch["target"],
-                              batch["target_mask"], numerics=LEARNER)
+                              batch["target_mask"], numerics=learner_lib.learner_numerics(cfg))
     chunk = lp.default_chunk(batch["target"].shape[1], cfg.learner.chunk_size)
-    logp, _ = lp.token_logp(model, h, batch["target"], numerics=LEARNER, temperature=1.0, chunk=chunk,
-                            remat=cfg.learner.remat)
+    logp, _ = lp.token_logp(model, h, batch["target"], numerics=learner_lib.learner_numerics(cfg),
+                            temperature=1.0, chunk=chunk, remat=cfg.learner.remat)
     m = batch["target_mask"].astype(jnp.float32)
     return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 
@@ -178,7 +178,7 @@ def train(config, workdir: str) -> dict:
   k = setup.backend.staleness_k
   params = setup.init_params()
   opt_state = sharding_lib.init_sharded(setup.tx.init, params, mesh)
-  state = learner_lib.TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+  state = learner_lib.TrainState(params=params, opt_state=opt_state, step=_zero_step(mesh))
   history = _snapshots(params, k)  # rollout snapshots, oldest first: the rollout uses history[0]
 
   start = 0
@@ -290,8 +290,13 @@ def _warmstart(setup: Setup, state, history, ws_iter, workdir):
   log.close()
   # The RL optimizer starts fresh on the warm-started parameters.
   state = learner_lib.TrainState(params=params, opt_state=sharding_lib.init_sharded(setup.tx.init, params, setup.mesh),
-                                 step=jnp.zeros((), jnp.int32))
+                                 step=_zero_step(setup.mesh))
   return state, _snapshots(params, len(history))
+
+
+def _zero_step(mesh):
+  """The step counter placed as the jitted update returns it (replicated), so call 2 hits call 1's program."""
+  return jax.device_put(jnp.zeros((), jnp.int32), sharding_lib.replicated(mesh))
 
 
 def _snapshots(params, k: int) -> list:
@@ -313,8 +318,8 @@ def _make_evaluator(setup: Setup):
   n = max(n, sharding_lib.batch_divisor(setup.mesh))
   it = pipeline.make_iterator(cfg.data, "validation", batch_size=n, seed=cfg.seed, shuffle=False)
   batch = sharding_lib.shard_batch(next(it), setup.mesh)
-  sample = jax.jit(make_sampler(setup, numerics=LEARNER, kernel="cached", temperature=cfg.eval.temperature,
-                                top_p=1.0, top_k=0))
+  sample = jax.jit(make_sampler(setup, numerics=learner_lib.learner_numerics(cfg), kernel="cached",
+                                temperature=cfg.eval.temperature, top_p=1.0, top_k=0))
   reward_fn = jax.jit(setup.task.reward)
 
   def evaluate(params, rng):
