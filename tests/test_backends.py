@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trm_jax.models import LEARNER, ModelConfig, Numerics, Transformer
+import tiny_models
+from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout import (backend_from_config, default_backend_config, routing_flip_frac, sample,
                              sequence_inputs)
 
@@ -83,11 +84,7 @@ def test_routing_flip_frac_hand_computed():
 
 
 def build(kind):
-  cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                    max_len=64, kind=kind, n_experts=8 if kind == "moe" else 0,
-                    experts_top_k=2 if kind == "moe" else 0)
-  with nnx.use_eager_sharding(False):
-    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  return tiny_models.build(kind, vocab=V, n_experts=8)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))

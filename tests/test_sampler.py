@@ -7,18 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trm_jax.models import LEARNER, ModelConfig, Transformer
+import tiny_models
+from trm_jax.models import LEARNER
 from trm_jax.rollout import processed_logprobs, sample, sample_groups, sequence_inputs
 
 V, P, T = 32, 6, 12
 
 
 def build(kind):
-  cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                    max_len=64, kind=kind, n_experts=4 if kind == "moe" else 0,
-                    experts_top_k=2 if kind == "moe" else 0)
-  with nnx.use_eager_sharding(False):
-    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  return tiny_models.build(kind, vocab=V)
 
 
 @pytest.fixture(scope="module")

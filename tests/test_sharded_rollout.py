@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from trm_jax import sharding as sharding_lib
-from trm_jax.models import ModelConfig, Numerics, Transformer
+import tiny_models
+from trm_jax.models import Numerics
 from trm_jax.rollout import sample
 
 V, P, T, B = 32, 6, 10, 8
@@ -20,11 +20,7 @@ BACKENDS = {
 
 
 def build(kind):
-  cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
-                    max_len=32, kind=kind, n_experts=4 if kind == "moe" else 0,
-                    experts_top_k=2 if kind == "moe" else 0)
-  with nnx.use_eager_sharding(False):
-    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)))
+  return tiny_models.build(kind, vocab=V, max_len=32, seed=1)
 
 
 @pytest.fixture(scope="module")

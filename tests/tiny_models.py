@@ -1,0 +1,13 @@
+"""The tiny model every rollout test samples from: one definition, so the tests agree on it."""
+from flax import nnx
+
+from trm_jax.models import ModelConfig, Transformer
+
+
+def build(kind: str, *, vocab: int, max_len: int = 64, n_experts: int = 4, seed: int = 0):
+  """(graphdef, state) of a 2-layer d_model=32 dense or MoE (top-2 of n_experts) transformer."""
+  cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                    max_len=max_len, kind=kind, n_experts=n_experts if kind == "moe" else 0,
+                    experts_top_k=2 if kind == "moe" else 0)
+  with nnx.use_eager_sharding(False):
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
