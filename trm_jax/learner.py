@@ -43,17 +43,21 @@ class TrainState:
 
 @flax.struct.dataclass
 class ModelDef:
-  """The static half of an NNX model (graph + non-parameter state) so jit sees pure pytrees."""
+  """The static half of an NNX model (its graph), so jit sees the parameters as a pure pytree."""
   graphdef: Any = flax.struct.field(pytree_node=False)
-  rest: Any = None  # nnx.State of non-Param variables (usually empty)
 
   def merge(self, params):
-    return nnx.merge(self.graphdef, params, self.rest) if self.rest is not None else nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, params)
 
 
 def split_model(model) -> tuple[ModelDef, Any]:
+  """(ModelDef, params). The model must hold no state besides its parameters: a ModelDef made from an
+  abstract (eval_shape) model would otherwise carry shapes where values belong."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return ModelDef(graphdef, rest), params
+  if jax.tree.leaves(rest):
+    raise ValueError(f"the model holds non-parameter state {list(rest.flat_state())[:3]}...; "
+                     "trm_jax's models are pure parameter pytrees")
+  return ModelDef(graphdef), params
 
 
 def learner_numerics(cfg) -> Numerics:

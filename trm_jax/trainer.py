@@ -72,31 +72,18 @@ class Setup:
 
     def init():
       with nnx.use_eager_sharding(False):
-        model = Transformer(self.model_cfg, rngs=nnx.Rngs(config.seed))
-      return learner_lib.split_model(model)
+        return Transformer(self.model_cfg, rngs=nnx.Rngs(config.seed))
 
-    self.model_def, abstract = init_abstract(init)
+    # The graph and the parameters' shapes and logical axes, without allocating anything.
+    self.model_def, abstract = learner_lib.split_model(nnx.eval_shape(init))
     self.param_shardings = sharding_lib.state_shardings(abstract, self.mesh)
     # The state is created already sharded: each device materialises only its own shards.
-    self._init_params = jax.jit(lambda: init()[1], out_shardings=self.param_shardings)
+    self._init_params = jax.jit(lambda: learner_lib.split_model(init())[1], out_shardings=self.param_shardings)
     self.tx = learner_lib.make_optimizer(config.optim, config.rl.steps)
     self.sft_tx = optax.adam(config.warmstart.lr)
 
   def init_params(self):
     return self._init_params()
-
-
-def init_abstract(init):
-  """(ModelDef, abstract params) without allocating the parameters."""
-  out = {}
-
-  def f():
-    model_def, params = init()
-    out["model_def"] = model_def
-    return params
-
-  abstract = jax.eval_shape(f)
-  return out["model_def"], abstract
 
 
 # ----------------------------------------------------------------------------- compiled pieces
