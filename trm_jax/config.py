@@ -290,7 +290,7 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
   """Sets dotted keys ({"trm.delta": 0.02}) on a copy; unknown keys raise naming the key."""
   config = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in overrides.items():
-    node, *path = config, *dotted.split(".")
+    node, path = config, dotted.split(".")
     for key in path[:-1]:
       if key not in node:
         raise ValueError(f"config.{dotted}: {key!r} is not a known field")

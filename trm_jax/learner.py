@@ -168,7 +168,7 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
   learner_logp, rollout_logp = stats["learner_logp"], batch.rollout_logp.astype(jnp.float32)
   est = divergence.sampled_estimators(learner_logp, rollout_logp, mask)
   has_exact = "kl" in stats
-  exact = {k: stats[k] * mask for k in ("kl", "kl_reverse", "tv")} if has_exact else None
+  exact = {k: stats[k] * mask for k in ("kl", "kl_reverse", "tv") if k in stats} if has_exact else None
 
   corr = correction(cfg, mask, learner_logp, rollout_logp, exact, est)
   seq_valid = corr.seq_mask * (mask.sum(-1) > 0)
@@ -207,8 +207,9 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
     metrics[f"mismatch/{name}_max"] = est[name].max()
   if has_exact:
     metrics.update({"mismatch/kl_max": exact["kl"].max(), "mismatch/kl_mean": exact["kl"].sum() / denom,
-                    "mismatch/kl_reverse_mean": exact["kl_reverse"].sum() / denom,
                     "mismatch/tv_max": exact["tv"].max(), "mismatch/tv_mean": exact["tv"].sum() / denom})
+    if "kl_reverse" in exact:  # absent for top-k rollouts: the unseen tail leaves it unknown
+      metrics["mismatch/kl_reverse_mean"] = exact["kl_reverse"].sum() / denom
     if "rollout_logp_recomputed" in stats:  # how far the recompute is from what the sampler reported
       metrics["mismatch/recompute_logp_abs_err"] = (
           jnp.abs(stats["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom

@@ -65,17 +65,19 @@ def default_chunk(t: int, chunk_size: int) -> int:
 
 
 def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, remat: bool = True):
-  """Per-token log-prob [B, T] and entropy [B, T] of the learner, differentiable, chunked.
+  """Per-token log-prob [B, T] (differentiable) and entropy [B, T] of the learner, chunked.
 
   The learner's policy is the model's softmax at the sampling temperature (top-p / top-k shape only
   what the rollout engine samples from; they are a mismatch the divergences measure).
   """
-  def one(h_c, tok_c):
-    logp_v = processed_logprobs(model.unembed(h_c, numerics=numerics), temperature, 1.0, 0)
-    logp = jnp.take_along_axis(logp_v, tok_c[..., None], axis=-1)[..., 0]
-    return logp, divergence.entropy(logp_v)
+  out = token_stats(model, h, tokens, learner_numerics=numerics, sampling=(temperature, 1.0, 0), chunk=chunk,
+                    grad_logp=True, remat=remat)
+  return out["learner_logp"], out["entropy"]
 
-  return map_chunks(one, chunk, h, tokens, remat=remat)
+
+def _gather(logp_v, tokens):
+  """The log-prob of each sampled token: [B, C, V], [B, C] -> [B, C]."""
+  return jnp.take_along_axis(logp_v, tokens[..., None], axis=-1)[..., 0]
 
 
 def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk: int, rollout_side=None,
@@ -96,18 +98,17 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
       None                                                                sampled estimators only.
   Returns:
     dict of [B, T] float32: learner_logp, entropy, and for exact sides rollout_logp_recomputed, kl,
-    kl_reverse, tv (topk: kl = the lower bound kl_lower, tv = the upper bound).
+    kl_reverse, tv (topk: kl = the lower bound kl_lower, tv = the upper bound, no kl_reverse).
   """
   temperature, top_p, top_k = sampling
   kind = rollout_side[0] if rollout_side else None
 
   def learner_part(h_c, tok_c):
     logp_v = processed_logprobs(learner.unembed(h_c, numerics=learner_numerics), temperature, 1.0, 0)
-    return logp_v, {"learner_logp": jnp.take_along_axis(logp_v, tok_c[..., None], axis=-1)[..., 0],
-                    "entropy": divergence.entropy(logp_v)}
+    return logp_v, {"learner_logp": _gather(logp_v, tok_c), "entropy": divergence.entropy(logp_v)}
 
   def with_rollout_logp(logp_v, out, roll_v, tok_c):
-    out["rollout_logp_recomputed"] = jnp.take_along_axis(roll_v, tok_c[..., None], axis=-1)[..., 0]
+    out["rollout_logp_recomputed"] = _gather(roll_v, tok_c)
     out.update(divergence.divergences_from_logprobs(roll_v, logp_v))
     return out
 
@@ -132,7 +133,7 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
       logp_v, out = learner_part(h_c, tok_c)
       # log-probs are logits whose log_softmax is themselves.
       d = divergence.topk_divergences(tl_c, ti_c, logp_v)
-      out.update(kl=d["kl_lower"], tv=d["tv"], kl_reverse=jnp.zeros_like(d["tv"]))
+      out.update(kl=d["kl_lower"], tv=d["tv"])  # no kl_reverse: the unseen tail leaves it unknown
       return out
 
     extra = (rollout_side[1], rollout_side[2])
