@@ -28,10 +28,16 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "pyarrow>=14",  # parquet files for the math data builders
+        "safetensors>=0.6",  # Hugging Face checkpoints (trm_jax.models.hf), sliced reads per process
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json, without transformers at run time
+        "jinja2>=3.1",  # chat templates, rendered the way transformers renders them
+        "math-verify>=0.7",  # optional math reward checker (data.text.reward=math_verify), in worker processes
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # jax[tpu] brings libtpu (matching jax) so tests/test_plan.py can compile for a TPU topology on
+        # this CPU (trm_jax.plan); it only installs where libtpu wheels exist.
+        "test": ["pytest>=8", "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # experiments/bench.py compares the sampler with HF transformers (PyTorch on CPU).
-        "bench": ["torch>=2.3", "transformers>=4.45"],
+        "bench": ["torch>=2.3", "transformers>=4.51"],  # Qwen3 + logits_to_keep
     },
 )

@@ -7,7 +7,8 @@
   python -m trm_jax.main --config=configs/baselines.py:name=geo_mask   # geometric-mean sequence mask
   python -m trm_jax.main --config=configs/baselines.py:name=none       # no correction, plain IS surrogate
 
-Arguments: name, backend (as configs/trm.py), plus smoke, T, seed, steps, task. None of these mask
+tis / seq_is run decoupled PPO (rl.ratio_base="learner"); ppo_clip, token_mask and geo_mask take the PPO ratio
+against pi_roll (the paper's rho). Arguments: name, backend (as configs/trm.py), plus smoke, T, seed, steps, task. None of these mask
 by the maximum token divergence, so none certifies anything (paper section 2, Proposition).
 """
 from trm_jax import config as config_lib
@@ -27,4 +28,10 @@ def get_config(arg: str = ""):
   else:
     c.rl.loss = "ppo_clip"
     c.baseline.kind = "none" if args.name == "ppo_clip" else args.name
+    if args.name in ("tis", "seq_is"):
+      # Decoupled PPO (rl.ratio_base): the truncated IS weight min(pi_prox/pi_roll, cap) corrects rollout ->
+      # proximal and the PPO ratio is pi_theta/pi_prox, so each ratio is applied once. At one epoch and one
+      # minibatch (the default) pi_theta = pi_prox at the single step: the ratio is 1, the clip never acts and
+      # the gradient weight is A * min(rho, cap) (verl's token TIS).
+      c.rl.ratio_base = "learner"
   return config_lib.apply_common_args(c, args)

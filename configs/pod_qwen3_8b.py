@@ -1,117 +1,81 @@
-"""Pod-scale run mirroring the paper's Qwen3-8B-Base experiment (arXiv 2512.23075, Sec. 4), minus the checkpoint.
+"""The paper's run (arXiv 2512.23075, Sec. 4): Qwen3-8B-Base, zero-RL GRPO on DAPO-Math-17k, AIME25 avg@32, on a pod.
 
-  python -m trm_jax.main --config=configs/pod_qwen3_8b.py --workdir=gs://.../trm_qwen3_8b   # on every host
-  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:variant=ppo_clip,seed=1
-  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:variant=loose_max_avg,T=8192
+One command on every host (TPU pod; SLURM: the same under srun), one job per run of each figure:
 
-What mirrors the paper: GRPO advantages, group size 16, 32 prompts per rollout batch = per train batch
-(one optimizer step per rollout batch), learning rate 1e-6, sampling temperature 1.0, PPO clip range
-[0.8, 1.28] (clip_low=0.2, clip_high=0.28, the paper's baseline), TRM-Max delta=0.05 AND TRM-Avg
-delta_avg=0.001 (criterion=max_avg) with exact KL over the full vocabulary from recomputed rollout
-logits, a bf16 rollout engine with a different attention reduction order against an f32 learner
-(the vLLM-vs-FSDP kernel gap), FSDP over all devices (mesh.fsdp=-1), multi-host
-(distributed.initialize=True), a long horizon (data.horizon=4096 tokens).
+  ARGS=hf_path=/ckpt/Qwen3-8B-Base,data=/data/math        # local dirs on every host (see below)
+  # Figure 1: token-level IS vs PPO clipping
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=tis      --workdir=gs://B/fig1_tis
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=ppo_clip --workdir=gs://B/ppo_clip
+  # Figure 2: TRM-Max 0.05 and TRM-Avg 0.001 vs PPO clipping (ppo_clip as above)
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=max      --workdir=gs://B/fig2_max
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=avg      --workdir=gs://B/fig2_avg
+  # Figure 3: loose Max 0.1 alone, loose Avg 0.002 alone, both combined
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=loose_max     --workdir=gs://B/fig3_max
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=loose_avg     --workdir=gs://B/fig3_avg
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS,variant=loose_max_avg --workdir=gs://B/fig3_both
+  # The recommended setting (TRM-Max 0.05 & TRM-Avg 0.001, the default variant)
+  python -m trm_jax.main --config=configs/pod_qwen3_8b.py:$ARGS --workdir=gs://B/max_avg
 
-What does NOT (the user's steps):
-  * The model. trm_jax has no Qwen3 architecture or weights: `model.size="1b"` is the largest preset
-    (a Llama-like ~0.76B dense transformer with a character-level vocabulary) and it starts from random
-    init + the synthetic warm start below. Loading a real Qwen3-8B checkpoint needs what is missing today:
-    (1) a checkpoint converter from the Hugging Face safetensors (q/k/v/o, gate/up/down, RMSNorm, embed,
-    lm_head; Qwen3's per-head q/k RMSNorm) into trm_jax.models.Transformer's NNX parameter tree with its
-    logical axis names, (2) a Qwen3 preset (d_model 4096, 36 layers, 32 heads, 8 KV heads, head_dim 128,
-    d_ff 12288, rope_theta 1e6, q/k-norm) and (3) a BPE tokenizer in place of the character-level
-    `trm_jax.data.tokenizer.Tokenizer` (vocab 151,936). With those, set warmstart.steps=0 (zero-RL from the
-    base model, as the paper does).
-  * The data. The paper trains on deduplicated DAPO-Math-17k and evaluates AIME25 avg@32 (top-p 0.95).
-    trm_jax.data.math_data has TFDS builders for those files (data.math_manual_dir) but `data.task`
-    accepts only the synthetic tasks today, so this config uses the synthetic long-horizon `running_sum`
-    task at T=4096 with problem sizes drawn uniformly (data.min_size=2), so responses have many lengths and
-    the accept rate by length bucket is informative. eval.temperature=1.0 matches; the eval has no top-p knob.
-  * The number of steps is not stated in the paper; 500 is a guess.
+`hf_path`: the Qwen3-8B-Base directory (huggingface.co/Qwen/Qwen3-8B-Base: config.json,
+model-0000x-of-00005.safetensors + model.safetensors.index.json, tokenizer.json, tokenizer_config.json,
+generation_config.json). `data`: a directory with the DAPO-Math-17k parquet (huggingface.co/datasets/
+BytedTsinghua-SIA/DAPO-Math-17k, file name containing "dapo") and AIME 2025 (e.g. huggingface.co/datasets/
+yentinglin/aime_2025 or opencompass/AIME2025 as jsonl / parquet, file name containing "aime25" or "aime-2025").
+Every figure plots `mismatch/ppl_gap` (the paper's log-PPL gap) and `eval/aime25/avg@32` against `step`.
 
-Arguments: variant (one of VARIANTS: the paper's figure runs), plus smoke, T, seed, steps, task.
-`sweep()` lists the variants (one pod job each). Validated by trm_jax.config.validate in
-tests/test_experiments.py; never run on CPU (a 4096-token horizon with a 1b model needs accelerators).
+What matches the paper: Qwen3-8B-Base from hf_path with no warm start (zero-RL); deduplicated DAPO-Math-17k
+with the DAPO instruction and the tokenizer's chat template; the DAPO rule reward (+1 / -1 on the last
+"Answer:" line); GRPO with G = 16 x 32 prompts, train batch = rollout batch (one optimizer step per rollout);
+lr 1e-6; PPO clip [0.8, 1.28]; TRM-Max delta 0.05 & TRM-Avg delta_avg 0.001 on the EXACT full-vocabulary
+KL(roll || theta) (loose: 0.1 / 0.002); rollout temperature 1; the normaliser is the total batch size N;
+a bfloat16 rollout engine (bf16 activations, another attention reduction order) against a float32 learner
+with float32 master weights; AIME25 avg@32 at temperature 1, top-p 0.95, evaluated at step 0 and every
+10 steps.
+
+What still differs from the paper (read before comparing curves):
+  * The rollout engine is trm_jax's own JAX sampler under the bf16 backend, not vLLM, and the learner is
+    trm_jax's JAX update, not PyTorch FSDP: the mismatch has the same kind of source (kernels and precision)
+    but not the paper's magnitude, so the PPO-clip collapse may come later, sooner or not at all.
+  * The eval is sampled by the same bf16 engine (eval.rollout_numerics), not vLLM.
+  * Not stated in the paper, chosen here: max response length 20480 tokens (the DAPO recipe's; with no overlong
+    penalty), prompt length 2048 (longer prompts are dropped and counted), 500 RL steps, Adam b1/b2 0.9/0.999,
+    grad clip 1.0, no weight decay, chat template with default thinking settings, "<|im_end|>" also stops
+    a response, and which divergence the paper's runs used (here exact KL; the co-released code uses k2-max /
+    k3-mean estimators: add trm.divergence=k2, trm.divergence_avg=k3, trm.source=sampled to mimic it).
+  * Token TIS (figure 1) is decoupled PPO here (ratio against the learner's own pre-update policy, the
+    truncated weight pi_prox / pi_roll, verl's convention), see configs/baselines.py.
+
+Arguments: those of configs/qwen3.py (hf_path, data, variant, backend, T, seed, steps); size is fixed to 8b.
+`python -m trm_jax.plan --config=configs/pod_qwen3_8b.py:hf_path=... --topology=v5e:16x16` checks memory first
+(it reads only config.json and the tokenizer). `sweep()` lists the variants (one pod job each).
 """
+import importlib.util
+import os
+
 from trm_jax import config as config_lib
 
-# The runs of the paper's three figures: (trm.criterion, trm.delta, trm.delta_avg, baseline.kind).
-VARIANTS = {
-    "max_avg": ("max_avg", 0.05, 0.001, "none"),  # TRM-Max 0.05 & TRM-Avg 0.001 (default)
-    "max": ("max", 0.05, 0.001, "none"),  # fig. 2: TRM-Max
-    "avg": ("avg", 0.05, 0.001, "none"),  # fig. 2: TRM-Avg
-    "ppo_clip": ("none", 0.05, 0.001, "none"),  # figs. 1-2: PPO clip [0.8, 1.28], no mask
-    "tis": ("none", 0.05, 0.001, "tis"),  # fig. 1: token-level truncated IS
-    "loose_max": ("max", 0.1, 0.002, "none"),  # fig. 3: loose Max alone
-    "loose_avg": ("avg", 0.1, 0.002, "none"),  # fig. 3: loose Avg alone
-    "loose_max_avg": ("max_avg", 0.1, 0.002, "none"),  # fig. 3: both loose, combined
-}
+
+def _qwen3():
+  spec = importlib.util.spec_from_file_location("qwen3_config", os.path.join(os.path.dirname(__file__), "qwen3.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+VARIANTS = _qwen3().VARIANTS
 
 
 def get_config(arg: str = ""):
-  args = config_lib.parse_arg(arg, variant="max_avg", **config_lib.COMMON_ARGS)
-  if args.variant not in VARIANTS:
-    raise ValueError(f"config argument variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
-  c = config_lib.apply_backend_preset(config_lib.default_config(), "bf16")
-
-  c.model.size = "1b"  # largest preset; see the module docstring for what a real Qwen3-8B needs
-
-  c.data.task = "running_sum"
-  c.data.horizon = 4096
-  c.data.min_size = 2  # response lengths spread over [~10, 4096] tokens
-  c.data.num_train = 32768
-  c.data.num_eval = 1024
-
-  c.rollout.temperature = 1.0
-  c.rollout.top_p = 1.0
-
-  c.rl.steps = 500
-  c.rl.prompts_per_step = 32  # paper: 32 prompts per rollout batch
-  c.rl.group_size = 16  # paper: G = 16
-  c.rl.advantage = "grpo"
-  c.rl.loss = "ppo_clip"
-  c.rl.clip_low = 0.2  # ratio in [0.8, 1.28]
-  c.rl.clip_high = 0.28
-  c.rl.aggregation = "seq_total"  # the paper's normaliser: total batch size N
-  c.rl.epochs = 1
-  c.rl.minibatches = 1  # train batch = rollout batch: one update per rollout
-
-  criterion, delta, delta_avg, baseline = VARIANTS[args.variant]
-  c.trm.criterion = criterion
-  c.trm.divergence = "exact"
-  c.trm.divergence_avg = "exact"
-  c.trm.source = "recompute"
-  c.trm.delta = delta
-  c.trm.delta_avg = delta_avg
-  c.baseline.kind = baseline
-
-  c.optim.lr = 1e-6  # paper
-  c.optim.schedule = "constant"
-  c.optim.grad_clip = 1.0
-
-  # Synthetic stand-in for a pretrained base model (set steps=0 once a real checkpoint is loaded).
-  c.warmstart.steps = 2000
-  c.warmstart.batch_size = 64
-  c.warmstart.lr = 3e-4
-
-  c.learner.chunk_size = 256  # time chunks of the [B, T, V] log-prob / KL pass
-  c.learner.remat = True
-
-  c.eval.every = 10
-  c.eval.num_prompts = 512
-  c.eval.temperature = 1.0
-
+  if "size=" in (arg or ""):
+    raise ValueError("configs/pod_qwen3_8b.py is the 8B run; use configs/qwen3.py:size=... for other sizes")
+  c = _qwen3().get_config(",".join(filter(None, ["size=8b", arg])))
+  c.distributed.initialize = True  # multi-host: jax.distributed.initialize() on every host
   c.mesh.data = 1
-  c.mesh.fsdp = -1  # FSDP over every device (paper: PyTorch FSDP)
+  c.mesh.fsdp = -1  # FSDP over every chip (paper: PyTorch FSDP)
   c.mesh.tensor = 1
-  c.distributed.initialize = True
-
-  c.checkpoint.every = 10
-  c.checkpoint.keep = 3
-  c.log.progress = True
-  return config_lib.apply_common_args(c, args)
+  return c
 
 
 def sweep():
-  """One pod job per figure run of the paper (experiments/sweep.py-style list of get_config arguments)."""
+  """One pod job per run of the paper's three figures (plus the recommended max_avg)."""
   return [{"variant": v} for v in VARIANTS]

@@ -18,9 +18,14 @@ times are printed and written to the JSON for reference only.
   4. Learner          tokens/s and FLOP/s of the update as a fraction of the measured f32 jnp.dot peak.
   5. Scaling          same global batch on 1/2/4/8 fake CPU devices (subprocess): losses and step times.
   6. GPU              on a GPU backend the peak is also measured in bf16 and the learner row is labelled.
+  7. Peers            one random Qwen3 checkpoint loaded by trm_jax and transformers (experiments/bench_peers.py):
+                      sampler vs transformers generate, the learner update vs an eager PyTorch TRM update;
+                      needs `pip install -e .[bench]` (else "skipped: pip install -e .[bench]").
 
-JSON keys (public contract): trm_overhead_estimator, trm_overhead_exact, memory_naive_over_ours,
-sampler_speedup_vs_recompute, sampler_speedup_vs_transformers, learner_peak_fraction (+ details).
+JSON keys (public contract): trm_overhead_estimator, trm_overhead_exact, trm_overhead_exact_qwen_shape,
+memory_naive_over_ours, sampler_speedup_vs_recompute, sampler_speedup_vs_transformers (same weights, part 7, when it runs),
+learner_peak_fraction, learner_speedup_vs_torch (+ details); part "compile" (experiments/bench_compile.py):
+compile_s/<learner|sampler>/<scan|unrolled>/L<n> and compile_ratio/<learner|sampler>/<scan|unrolled>.
 """
 from __future__ import annotations
 
@@ -37,17 +42,21 @@ try:
 except ImportError:  # run from a checkout without installing
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench_compile as bc
+import bench_hf_load as bhl
 import bench_learner as bl
 import bench_memory as bm
+import bench_peers as bp  # before anything imports torch: it sets OMP_WAIT_POLICY (see bench_peers)
 import bench_sampler as bs
 import jax
 import jax.numpy as jnp
 
 log = bl.log
 
-PUBLIC_KEYS = ("trm_overhead_estimator", "trm_overhead_exact", "memory_naive_over_ours",
-               "sampler_speedup_vs_recompute", "sampler_speedup_vs_transformers", "learner_peak_fraction")
-PARTS = ("overhead", "memory", "sampler", "throughput", "scaling")
+PUBLIC_KEYS = ("trm_overhead_estimator", "trm_overhead_exact", "trm_overhead_exact_qwen_shape",
+               "memory_naive_over_ours", "sampler_speedup_vs_recompute", "sampler_speedup_vs_transformers",
+               "sampler_prefill_share_speedup", "learner_peak_fraction", "learner_speedup_vs_torch")
+PARTS = ("overhead", "memory", "sampler", "throughput", "scaling", "peers", "compile", "hf_load")
 
 TINY_DIMS = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 # overhead model: the 32k vocabulary the exact-KL target is stated for, small blocks so CPU time is sane
@@ -55,16 +64,21 @@ OVERHEAD_DIMS = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=
 SAMPLER_DIMS = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=512)
 THROUGHPUT_DIMS = dict(d_model=512, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=64, d_ff=1536)
 SCALING_DIMS = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
+# Qwen3-0.6B's width, heads and vocabulary with 2 layers (CPU time): the exact criterion at V = 151936
+QWEN_DIMS = dict(d_model=1024, n_layers=2, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072)
+QWEN_V = 151936
 
 MODES = {
     "tiny": dict(
         overhead=dict(dims=TINY_DIMS, B=4, G=2, P=4, T=16, V=512), overhead_repeats=2,
+        overhead_qwen=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=1024), overhead_qwen_repeats=2,
         memory_grid=[(1, t, v) for t in (256, 512) for v in (1024, 2048)], memory_D=64, memory_ref=(512, 1024),
         sampler=dict(dims=TINY_DIMS, V=512, B=2, P=4, Ts=(8,)), sampler_repeats=1, sampler_full_repeats=1,
         throughput=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=512), throughput_repeats=1,
         scaling=dict(dims=TINY_DIMS, B=8, G=2, P=4, T=8, V=64), scaling_counts=(1, 2), scaling_repeats=1),
     "quick": dict(
         overhead=dict(dims=OVERHEAD_DIMS, B=2, G=2, P=16, T=256, V=32768), overhead_repeats=7,
+        overhead_qwen=dict(dims=QWEN_DIMS, B=2, G=2, P=16, T=512, V=QWEN_V), overhead_qwen_repeats=3,
         memory_grid=[(b, t, v) for b in (1, 8) for t in (1024, 8192, 32768) for v in (32768, 151936)],
         memory_D=2048, memory_ref=(8192, 32768),
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256)), sampler_repeats=2,
@@ -74,6 +88,7 @@ MODES = {
         scaling_repeats=2),
     "full": dict(
         overhead=dict(dims=OVERHEAD_DIMS, B=8, G=2, P=16, T=512, V=32768), overhead_repeats=7,
+        overhead_qwen=dict(dims=QWEN_DIMS, B=4, G=2, P=16, T=512, V=QWEN_V), overhead_qwen_repeats=5,
         memory_grid=[(b, t, v) for b in (1, 2, 4, 8) for t in (1024, 8192, 32768) for v in (32768, 65536, 151936)],
         memory_D=2048, memory_ref=(8192, 32768),
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256, 512, 1024)), sampler_repeats=3,
@@ -83,7 +98,8 @@ MODES = {
         scaling_repeats=5),
 }
 
-TARGETS = {"trm_overhead_estimator": 1.03, "trm_overhead_exact": 1.10, "memory_naive_over_ours": 10.0,
+TARGETS = {"trm_overhead_estimator": 1.03, "trm_overhead_exact": 1.10, "trm_overhead_exact_qwen_shape": 1.05,
+           "memory_naive_over_ours": 10.0,
            "learner_peak_fraction": 0.40}
 
 
@@ -128,6 +144,15 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
     res["trm_overhead_estimator"] = o["estimator"]
     res["trm_overhead_exact"] = o["exact_stored"]
     res["trm_overhead_recompute"] = o["exact_recompute"]
+    q = m["overhead_qwen"]
+    log(f"1/5 TRM overhead at the Qwen3-0.6B-like shape (d={q['dims']['d_model']}, V={q['V']}, T={q['T']})")
+    oq = bl.bench_overhead(q, m["overhead_qwen_repeats"], names=("ppo_none", "trm_exact_stored"), no_preupdate=False,
+                           share_state=True)
+    res["overhead_qwen_shape"] = oq
+    res["trm_overhead_exact_qwen_shape"] = oq["exact_stored"]
+    log("1/5 profile: one chunk's pieces at both shapes (where the exact criterion's time goes)")
+    res["overhead_profile"] = {"overhead": bl.profile_chunk(m["overhead"], m["overhead_repeats"]),
+                               "qwen_shape": bl.profile_chunk(q, m["overhead_qwen_repeats"])}
 
   if "memory" in parts:
     log(f"2/5 memory ({len(m['memory_grid'])} shapes x 4 programs, compile only)")
@@ -144,6 +169,12 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
     res["sampler"] = smp
     res["sampler_speedup_vs_recompute"] = smp["speedup_vs_recompute"]
     res["sampler_speedup_vs_transformers"] = smp["speedup_vs_transformers"]
+    # One prefill per prompt + KV cache broadcast G = 16 times vs 16 prefills (256-token prompts).
+    small = mode == "tiny"
+    sp = bs.bench_prefill_share(s["dims"], s["V"], P=16 if small else 256, T=4 if small else 32,
+                                repeats=1 if small else 3, log=log)
+    res["sampler_prefill_share"] = sp
+    res["sampler_prefill_share_speedup"] = sp["speedup"]
 
   if "throughput" in parts:
     log("4/5 learner throughput (peak matmul first)")
@@ -160,6 +191,27 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
   if "scaling" in parts:
     log(f"5/5 scaling over {m['scaling_counts']} fake CPU devices (subprocess)")
     res["scaling"] = bl.bench_scaling(m["scaling"], m["scaling_counts"], m["scaling_repeats"])
+
+  if "peers" in parts:  # issue 13 item 3: one Qwen3 checkpoint loaded by trm_jax and transformers
+    log("peers: trm_jax vs transformers generate / an eager PyTorch update, same weights (bench_peers.py)")
+    pr = bp.run(mode, log=log) if with_hf else {k: None for k in bp.PUBLIC}
+    res["peers"] = pr if with_hf else {"peers": "skipped: --no-hf"}
+    # the same-weights figure replaces part 3's (different random weights); part 3's stays in res["sampler"]
+    res["sampler_speedup_vs_transformers"] = pr["sampler_speedup_vs_transformers"]
+    res["learner_speedup_vs_torch"] = pr["learner_speedup_vs_torch"]
+    res["learner_speedup_vs_torch_estimators"] = pr.get("learner_speedup_vs_torch_estimators")
+
+  if "compile" in parts:  # issue 15 item 2: compile time vs depth, layers scanned vs unrolled
+    log(f"compile: learner step and sampler at L = {bc.LAYERS[mode]}, scanned vs unrolled (bench_compile.py)")
+    comp = bc.run(bc.LAYERS[mode], log=log)
+    res["compile"] = comp
+    res.update(comp)
+
+  if "hf_load" in parts:  # issue 11 item 6: sharded HF loading, bytes read / memory per process (bench_hf_load.py)
+    log("hf_load: one random Qwen3 checkpoint loaded by 4 jax processes (fsdp over processes)")
+    hl = bhl.bench_hf_load(dims=bhl.LOAD_DIMS_FULL if mode == "full" else None)
+    res["hf_load"] = hl
+    res.update({k: v for k, v in hl.items() if k != "hf_load_per_process"})
 
   res["wall_s"] = time.perf_counter() - t_start
   res["table"] = table_rows(res)
@@ -189,6 +241,15 @@ def table_rows(res: dict) -> list:
     add("TRM overhead, exact KL recompute, bf16 engine (x criterion=none)", o["exact_recompute"], "-", None)
     if "estimator_vs_ppo_no_preupdate" in o:
       add("  TRM estimators x PPO without the pre-update forward", o["estimator_vs_ppo_no_preupdate"], "-", None)
+  oq = res.get("overhead_qwen_shape")
+  if oq:
+    sh = oq["shape"]
+    add(f"TRM overhead, exact KL stored, Qwen3-0.6B-like [B={sh['B']} T={sh['T']} V={sh['V']} "
+        f"d={sh['dims']['d_model']} L={sh['dims']['n_layers']}]", oq["exact_stored"], "<= 1.05",
+        oq["exact_stored"] <= 1.05)
+  for name, pr in (res.get("overhead_profile") or {}).items():
+    add(f"  chunk fwd profile ({name}): (exact - learner-only) / learner-only; exact new / old",
+        f"{pr['exact_extra_over_learner'] / pr['median_s']['learner']:.2f}; {pr['exact_vs_exact_old']:.2f}", "-", None)
   mem = res.get("memory")
   if mem:
     s = mem["summary"]
@@ -224,6 +285,11 @@ def table_rows(res: dict) -> list:
     add("GPU: learner FLOP/s / bf16 matmul peak", res["learner_mfu_bf16_peak"], "-", None)
   elif thr:
     add("GPU: learner FLOP/s / bf16 matmul peak", "not measured (no GPU backend)", "-", None)
+  if res.get("hf_load"):
+    hl = res["hf_load"]
+    add(f"HF load, max bytes read per process / checkpoint ({hl['hf_load_processes']} processes, "
+        f"{hl['hf_load_checkpoint_mb']:.0f} MB)", hl["hf_load_bytes_read_frac"], "-", None)
+    add("  peak anonymous memory growth per process / checkpoint", hl["hf_load_anon_growth_frac"], "-", None)
   sc = res.get("scaling")
   if sc:
     loss = abs(next(iter(sc["loss"].values())))
@@ -232,6 +298,21 @@ def table_rows(res: dict) -> list:
     add("  step time n=max / n=1 (fake devices share the same cores)",
         sc["median_step_s"][str(sc["device_counts"][-1])] / sc["median_step_s"][str(sc["device_counts"][0])],
         "-", None, "{:.2f}")
+  pr = res.get("peers")
+  if pr:
+    note = pr.get("peers") if isinstance(pr.get("peers"), str) else None
+    tag = lambda sh: f" [B={sh['B']} P={sh['P']} T={sh['T']}]" if sh else ""
+    v = pr.get("sampler_speedup_vs_transformers")
+    add(f"Peers, same Qwen3 weights: sampler / transformers generate{tag(pr.get('sampler_peer_shape'))}",
+        v if v is not None else (note or "greedy check failed")[:60], ">= 3 (moonshot)",
+        None if v is None else v >= 3, "{:.2f}")
+    v = pr.get("learner_speedup_vs_torch")
+    add(f"Peers: learner exact TRM / eager PyTorch TRM update{tag(pr.get('learner_peer_shape'))}",
+        v if v is not None else (note or "first-step losses differ")[:60], ">= 1.5",
+        None if v is None else v >= 1.5, "{:.2f}")
+    if pr.get("learner_speedup_vs_torch_estimators") is not None:
+      add("  same, trm_jax with the k2/k3 estimators (like for like)", pr["learner_speedup_vs_torch_estimators"],
+          "-", None, "{:.2f}")
   return rows
 
 

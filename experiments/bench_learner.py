@@ -19,6 +19,7 @@ from flax import nnx
 
 from trm_jax import config as config_lib
 from trm_jax import learner as learner_lib
+from trm_jax import logprobs as lp
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import Transformer, model_config_from
 from trm_jax.rollout.backends import backend_from_config
@@ -104,14 +105,22 @@ def ppo_only_step(cfg, model_def, tx):
 
 
 class Stepper:
-  """Calls step(state, batch) and blocks; the donated state is threaded through."""
+  """Calls step(state, batch) and blocks; the donated state is threaded through.
 
-  def __init__(self, step, state, batch):
-    self.step, self.state, self.batch, self.metrics = step, state, batch, None
+  `holder`: a dict shared by several Steppers whose programs take the same TrainState (same model and
+  optimizer), so one set of parameters / optimizer moments serves all of them (memory at V = 152k)."""
+
+  def __init__(self, step, state, batch, holder=None):
+    self.step, self.batch, self.metrics = step, batch, None
+    self.holder = {"state": state} if holder is None else holder
+
+  @property
+  def state(self):
+    return self.holder["state"]
 
   def __call__(self):
-    self.state, self.metrics = self.step(self.state, self.batch)
-    jax.block_until_ready((self.state, self.metrics))
+    self.holder["state"], self.metrics = self.step(self.holder["state"], self.batch)
+    jax.block_until_ready((self.holder["state"], self.metrics))
 
 
 def timed(fn) -> float:
@@ -152,18 +161,27 @@ OVERHEAD_CONFIGS = {
 }
 
 
-def bench_overhead(shape: dict, repeats: int) -> dict:
+def bench_overhead(shape: dict, repeats: int, names=tuple(OVERHEAD_CONFIGS), no_preupdate: bool = True,
+                   share_state: bool = False) -> dict:
+  """Interleaved step times of the OVERHEAD_CONFIGS in `names` (ppo_none first: every ratio is against it).
+
+  share_state: every config steps the same parameters / optimizer state (one copy in memory)."""
   dims, B, G, P, T, V = shape["dims"], shape["B"], shape["G"], shape["P"], shape["T"], shape["V"]
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  steppers, compile_s = {}, {}
-  for name, (over, logits) in OVERHEAD_CONFIGS.items():
+  steppers, compile_s, holder = {}, {}, None
+  for name in names:
+    over, logits = OVERHEAD_CONFIGS[name]
     cfg = learner_config(dims, B=B, G=G, P=P, T=T, overrides=over)
     state, step, model_def, tx = build_step(cfg, V, mesh)
     batch = sharding_lib.shard_batch(make_batch(B, G, P, T, V, logits=logits), mesh)
-    steppers[name] = Stepper(step, state, batch)
+    if share_state and holder is not None:
+      state = None  # this config steps the first config's state
+    steppers[name] = Stepper(step, state, batch, holder=holder)
+    if share_state:
+      holder = steppers[name].holder
     compile_s[name] = timed(steppers[name])  # compile + first step
     log(f"overhead: compiled {name} ({compile_s[name]:.1f}s)")
-    if name == "ppo_none":
+    if name == "ppo_none" and no_preupdate:
       fn = ppo_only_step(cfg, model_def, tx)
       if fn is not None:
         state2, *_ = build_step(cfg, V, mesh)
@@ -173,15 +191,61 @@ def bench_overhead(shape: dict, repeats: int) -> dict:
     st()
   times = interleave(steppers, repeats, "overhead")
   med = {k: float(statistics.median(v)) for k, v in times.items()}
+  ratio = lambda a: paired_ratio(times, a, "ppo_none") if a in times else None
   out = {"shape": {k: v for k, v in shape.items()}, "median_step_s": med, "compile_s": compile_s, "times_s": times,
-         "estimator": paired_ratio(times, "trm_est", "ppo_none"),
-         "exact_stored": paired_ratio(times, "trm_exact_stored", "ppo_none"),
-         "exact_recompute": paired_ratio(times, "trm_exact_recompute", "ppo_none"),
-         "repeats": repeats, "fused": is_fused(cfg)}
+         "estimator": ratio("trm_est"), "exact_stored": ratio("trm_exact_stored"),
+         "exact_recompute": ratio("trm_exact_recompute"), "repeats": repeats, "fused": is_fused(cfg)}
   if "ppo_no_preupdate" in times:
     out["estimator_vs_ppo_no_preupdate"] = paired_ratio(times, "trm_est", "ppo_no_preupdate")
     out["ppo_none_vs_ppo_no_preupdate"] = paired_ratio(times, "ppo_none", "ppo_no_preupdate")
   return out
+
+
+def _two_logsoftmax_reference(a, b, tok):
+  """The pre-issue-13 chunk computation (kept here only as the profile's baseline): log_softmax of both
+  sides, then exp of both, KL / reverse KL / TV / entropy as separate sums (4-5 exp passes)."""
+  la, lb = jax.nn.log_softmax(a, -1), jax.nn.log_softmax(b, -1)
+  p, q = jnp.exp(la), jnp.exp(lb)
+  g = lambda x: jnp.take_along_axis(x, tok[..., None], -1)[..., 0]
+  return {"learner_logp": g(lb), "rollout_logp_recomputed": g(la), "entropy": -jnp.sum(jnp.exp(lb) * lb, -1),
+          "kl": jnp.sum(p * (la - lb), -1), "kl_reverse": jnp.sum(q * (lb - la), -1),
+          "tv": 0.5 * jnp.sum(jnp.abs(p - q), -1)}
+
+
+def profile_chunk(shape: dict, repeats: int = 5, chunk: int = 128) -> dict:
+  """Where the exact criterion's time goes: one [B, C, V] chunk's pieces timed separately (forward only).
+
+  unembed      h [B,C,D] @ W [D,V] (the matmul every variant pays, x2 with recompute)
+  learner      unembed + learner log-prob + entropy (trm.source = sampled: what ppo_none computes)
+  exact        unembed + logprobs.exact_chunk on stored logits (learner logp, entropy, rollout logp, KL,
+               reverse KL, TV: one lse per side)
+  exact_old    unembed + the previous two-log_softmax computation (_two_logsoftmax_reference)
+  The exact criterion's extra cost per chunk forward is exact - learner (the matmul cancels).
+  """
+  dims, B, V = shape["dims"], shape["B"], shape["V"]
+  C, D = min(chunk, shape["T"]), dims["d_model"]
+  r = np.random.default_rng(0)
+  h = jnp.asarray(r.standard_normal((B, C, D)), jnp.float32)
+  w = jnp.asarray(r.standard_normal((D, V)) / np.sqrt(D), jnp.float32)
+  stored = jnp.asarray(r.standard_normal((B, C, V)), jnp.float32)
+  tok = jnp.asarray(r.integers(0, V, (B, C)), jnp.int32)
+  s = (1.0, 1.0, 0)
+  fns = {
+      "unembed": jax.jit(lambda h, w, a: jnp.sum(h @ w, -1)),
+      "learner": jax.jit(lambda h, w, a: lp.learner_chunk(h @ w, tok, s)),
+      "exact": jax.jit(lambda h, w, a: lp.exact_chunk(a, h @ w, tok, s)),
+      "exact_old": jax.jit(lambda h, w, a: _two_logsoftmax_reference(a, h @ w, tok)),
+  }
+  calls = {}
+  for k, f in fns.items():
+    jax.block_until_ready(f(h, w, stored))
+    calls[k] = (lambda f=f: jax.block_until_ready(f(h, w, stored)))
+  times = interleave(calls, repeats, "profile")
+  med = {k: float(statistics.median(v)) for k, v in times.items()}
+  return {"shape": {"B": B, "C": C, "D": D, "V": V}, "median_s": med, "times_s": times,
+          "exact_extra_over_learner": med["exact"] - med["learner"],
+          "exact_old_extra_over_learner": med["exact_old"] - med["learner"],
+          "exact_vs_exact_old": paired_ratio(times, "exact", "exact_old")}
 
 
 # ----------------------------------------------------------------------------------------------------

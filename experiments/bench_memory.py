@@ -5,7 +5,7 @@ or allocated, so T = 32k, V = 150k fits on a laptop.
 
 ours        trm_jax.logprobs.token_stats with a recompute rollout side: hidden [B,T,D] of both policies +
             their unembeddings -> per-token learner logp, entropy, rollout logp, kl, kl_reverse, tv,
-            chunked over T by trm_jax.logprobs.map_chunks (divergence.divergences_from_logprobs per chunk).
+            chunked over T by trm_jax.logprobs.map_chunks (logprobs.exact_chunk per chunk: one lse per side).
 ours+grad   the same, plus the gradient of sum(learner logp) w.r.t. (h, W) via trm_jax.logprobs.token_logp
             (remat: the backward recomputes each chunk's logits).
 naive       the same numbers from the full [B,T,V] logits of both policies.

@@ -125,3 +125,40 @@ def bench_sampler(dims: dict, V: int, B: int, P: int, Ts, repeats: int, full_rep
     out["transformers"] = hf.info
     out["speedup_vs_transformers"] = min(r["speedup_vs_transformers"] for r in rows)
   return out
+
+
+def bench_prefill_share(dims: dict, V: int, n_prompts: int = 2, G: int = 16, P: int = 256, T: int = 32,
+                        repeats: int = 3, log=print) -> dict:
+  """`sampler_prefill_share_speedup`: one prefill per prompt + KV cache broadcast G times vs G prefills.
+
+  The same [n_prompts * G, P] batch (each prompt repeated G times) is sampled with `group_size=G` and with
+  `group_size=1`; both must give the same tokens (checked), so the ratio of their median wall times is
+  the saving. Fixed length T (no stop id), plain sampling at temperature 1.
+  """
+  mcfg = ModelConfig(vocab_size=V, max_len=P + T, **{k: int(dims[k]) for k in
+                                                     ("d_model", "n_layers", "n_heads", "n_kv_heads",
+                                                      "head_dim", "d_ff")})
+  with nnx.use_eager_sharding(False):
+    graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+  r = np.random.default_rng(1)
+  prompt = jnp.repeat(jnp.asarray(r.integers(3, V, size=(n_prompts, P)).astype(np.int32)), G, axis=0)
+  pmask = jnp.ones(prompt.shape, bool)
+
+  def run(g):
+    return sampler.sample(graphdef, params, prompt, pmask, jax.random.key(2), max_new_tokens=T, eos_id=-1,
+                          group_size=g)
+
+  shared, separate = run(G), run(1)  # compile
+  same_tokens = bool(jnp.all(shared.tokens == separate.tokens))
+  if not same_tokens:
+    raise AssertionError("prefill sharing changed the sampled tokens")
+  times = {"shared": [], "separate": []}
+  for _ in range(repeats):
+    times["shared"].append(_timed(lambda: jax.block_until_ready(run(G).tokens)))
+    times["separate"].append(_timed(lambda: jax.block_until_ready(run(1).tokens)))
+  med = {k: float(statistics.median(v)) for k, v in times.items()}
+  out = {"n_prompts": n_prompts, "G": G, "P": P, "T": T, "V": V, "dims": dims, "median_s": med, "times_s": times,
+         "same_tokens": same_tokens, "speedup": med["separate"] / med["shared"]}
+  log(f"sampler prefill sharing (G={G}, P={P}, T={T}): {med['separate']:.3f}s -> {med['shared']:.3f}s "
+      f"= {out['speedup']:.2f}x")
+  return out

@@ -1,7 +1,11 @@
 """Bound curves computed by trm_jax.bounds (paper Sec. 2), and acceptance vs length (paper Sec. 3).
 
-  python experiments/bound_curves.py                                   # figures + CSVs into experiments/figures
-  python experiments/bound_curves.py --runs_dir experiments/runs --out experiments/figures
+  python experiments/bound_curves.py                  # into a NEW directory experiments/runs/bound_curves_<time>
+  python experiments/bound_curves.py --runs_dir experiments/runs --out experiments/figures   # refresh the figures
+
+Committed results are never replaced by less data: without --out the outputs go to a new directory; with
+--out pointing at existing files, acceptance_vs_length.* is only rewritten when it has at least as many
+measured rows as the file already there (--force overrides).
 
 Writes (seconds on CPU):
   bounds_vs_T.png / .csv       every bound vs T = 64 .. 32768 (log-log) in the paper's two regimes:
@@ -277,38 +281,66 @@ def _plot_acceptance(theory: list[dict], measured: list[dict], path: str, runs_d
   return path
 
 
+def _rows_in(path: str, kind: str | None = None) -> int:
+  """Data rows of an existing CSV (only those whose `kind` column equals `kind`, if given); 0 if absent."""
+  if not os.path.exists(path):
+    return 0
+  import csv
+  with open(path) as f:
+    return sum(1 for r in csv.DictReader(f) if kind is None or r.get("kind") == kind)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", default=common.DEFAULT_FIGURES)
+  ap.add_argument("--out", default=None, help="output directory (default: a new experiments/runs/bound_curves_<time>)")
+  ap.add_argument("--force", action="store_true", help="replace existing outputs even when they hold more rows")
   ap.add_argument("--runs_dir", default=common.DEFAULT_RUNS, help="where to look for measured acceptance")
   ap.add_argument("--T", default=",".join(map(str, T_GRID)), help="comma-separated horizons for bounds_vs_T")
   ap.add_argument("--exclude", default="_warm,pilot", help="comma-separated run sub-directories to skip")
   ap.add_argument("--T_fixed", type=int, default=T_FIXED, help="horizon of bounds_vs_delta")
   args = ap.parse_args(argv)
+  if args.out is None:
+    import datetime
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = os.path.join(common.DEFAULT_RUNS, f"bound_curves_{stamp}")
+  print(f"[bound_curves] writing to {args.out}")
   os.makedirs(args.out, exist_ok=True)
-  T_grid = [int(t) for t in args.T.split(",") if t]
   out = {}
+
+  def keep_existing(name: str, n_new: int, kind: str | None = None) -> bool:
+    """True (and says so) when <name>.csv already holds more rows than we would write: never less data."""
+    have = _rows_in(os.path.join(args.out, f"{name}.csv"), kind)
+    if have > n_new and not args.force:
+      print(f"[bound_curves] kept {os.path.join(args.out, name)}.csv/.png: it has {have} "
+            f"{kind or ''}{' ' if kind else ''}rows, this run has {n_new} (--force to replace)")
+      return True
+    return False
+
+  T_grid = [int(t) for t in args.T.split(",") if t]
   rows_T = bounds_vs_T(T_grid)
-  out["bounds_vs_T.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_T.csv"), rows_T)
-  out["bounds_vs_T.png"] = _plot_bounds(rows_T, "T", os.path.join(args.out, "bounds_vs_T.png"),
-                                        "Bounds on |Error| vs horizon T (delta=1e-4, KL_seq=0.01), trm_jax.bounds")
+  if not keep_existing("bounds_vs_T", len(rows_T)):
+    out["bounds_vs_T.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_T.csv"), rows_T)
+    out["bounds_vs_T.png"] = _plot_bounds(rows_T, "T", os.path.join(args.out, "bounds_vs_T.png"),
+                                          "Bounds on |Error| vs horizon T (delta=1e-4, KL_seq=0.01), trm_jax.bounds")
   rows_d = bounds_vs_delta(T=args.T_fixed)
-  out["bounds_vs_delta.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_delta.csv"), rows_d)
-  out["bounds_vs_delta.png"] = _plot_bounds(rows_d, "delta", os.path.join(args.out, "bounds_vs_delta.png"),
-                                            f"Bounds on |Error| vs delta at T={args.T_fixed} (KL_seq=0.01)")
+  if not keep_existing("bounds_vs_delta", len(rows_d)):
+    out["bounds_vs_delta.csv"] = _write_rows(os.path.join(args.out, "bounds_vs_delta.csv"), rows_d)
+    out["bounds_vs_delta.png"] = _plot_bounds(rows_d, "delta", os.path.join(args.out, "bounds_vs_delta.png"),
+                                              f"Bounds on |Error| vs delta at T={args.T_fixed} (KL_seq=0.01)")
   theory = acceptance_curves()
   measured = measured_acceptance(args.runs_dir, tuple(x for x in args.exclude.split(",") if x))
   header = ["kind", "group", "criterion", "p", "bucket_lo", "bucket_hi", "T", "accept", "n_steps", "n_runs"]
   csv_rows = [["theory", "", "", r["p"], "", "", r["T"], r["accept"], "", ""] for r in theory]
   csv_rows += [["measured", m["group"], m["criterion"], "", m["bucket_lo"], m["bucket_hi"], "", m["accept_mean"],
                 m["n_steps"], m["n_runs"]] for m in measured]
-  out["acceptance_vs_length.csv"] = common.write_csv(os.path.join(args.out, "acceptance_vs_length.csv"),
-                                                     header, csv_rows)
-  out["acceptance_vs_length.png"] = _plot_acceptance(theory, measured,
-                                                     os.path.join(args.out, "acceptance_vs_length.png"),
-                                                     args.runs_dir)
-  if not measured:
-    print(f"[bound_curves] no measured acceptance under {args.runs_dir!r}; that panel is skipped")
+  if not keep_existing("acceptance_vs_length", len(measured), "measured"):
+    out["acceptance_vs_length.csv"] = common.write_csv(os.path.join(args.out, "acceptance_vs_length.csv"),
+                                                       header, csv_rows)
+    out["acceptance_vs_length.png"] = _plot_acceptance(theory, measured,
+                                                       os.path.join(args.out, "acceptance_vs_length.png"),
+                                                       args.runs_dir)
+    if not measured:
+      print(f"[bound_curves] no measured acceptance under {args.runs_dir!r}; that panel is skipped")
   for k, v in out.items():
     print(f"[bound_curves] wrote {v}")
   return out

@@ -33,8 +33,10 @@ DEFAULT_RUNS = os.path.join(REPO, "experiments", "runs")
 DEFAULT_FIGURES = os.path.join(REPO, "experiments", "figures")
 
 # Overrides every experiment run gets: no TensorBoard events, checkpoints only at 0 and at the end,
-# no per-run curve PNG (the experiment scripts draw their own).
-RUN_DEFAULTS = {"log.tensorboard": False, "checkpoint.every": 0, "log.plot": False, "log.progress": False}
+# no per-run curve PNG (the experiment scripts draw their own), and the post-update certificate
+# (bounds/certified_improvement = L'(theta') - B*; one extra no-grad forward per step).
+RUN_DEFAULTS = {"log.tensorboard": False, "checkpoint.every": 0, "log.plot": False, "log.progress": False,
+                "bounds.certify_update": True}
 
 
 def _fmt(v) -> str:
@@ -239,8 +241,21 @@ def _run_claimed(spec: RunSpec, runs_dir: str, reuse_warm: bool) -> tuple[str, f
     shutil.copytree(ck, os.path.join(wd, "checkpoints", "0"))
     with open(os.path.join(wd, "warm_start_from.txt"), "w") as f:
       f.write(os.path.relpath(ck, wd) + "\n")
-  rc = _run_logged(spec.command(runs_dir), os.path.join(wd, "run.log"))
+  cmd = spec.command(runs_dir)
+  if os.path.exists(os.path.join(wd, "warm_start_from.txt")):
+    # Checkpoint 0 came from the warm-start run of the same warm_key: the trainer's resume identity check
+    # (checkpoint.ALLOWED_CHANGES) must let every field outside that key differ.
+    cmd.insert(-1, "--allow_config_change=" + ",".join(_outside_warm_key(spec)))
+  rc = _run_logged(cmd, os.path.join(wd, "run.log"))
   return spec.name, time.time() - t0, rc
+
+
+def _outside_warm_key(spec: RunSpec) -> list[str]:
+  """Config field patterns warm_key does not hash: they may differ from the warm-start run's config."""
+  c = spec.load()
+  keyed = ("model", "data", "warmstart", "optim", "learner", "mesh", "seed")
+  return [f"{k}.*" if hasattr(c[k], "keys") else k for k in c.keys() if k not in keyed] + [
+      "data.num_threads", "data.prefetch"]
 
 
 def run_all(specs: Iterable[RunSpec], runs_dir: str, *, parallel: int = 2, reuse_warm: bool = True,

@@ -5,7 +5,8 @@
 
 Figures (each: mismatch/ppl_gap, reward/mean (rollout batches), eval/reward_mean (held-out, learner
 policy) and trm/accept_rate against RL step; line = mean over seeds, band = min..max over seeds):
-  a  token-level TIS (configs/baselines.py name=tis) vs PPO clip (name=ppo_clip)
+  a  token-level TIS (configs/baselines.py name=tis: decoupled PPO, weight min(pi_prox/pi_roll, 2) applied once)
+     vs PPO clip (name=ppo_clip, ratio pi_theta/pi_roll)
   b  TRM-Max (delta) and TRM-Avg (delta_avg) vs PPO clip
   c  loose Max alone, loose Avg alone, and both combined (criterion=max_avg)
   s  (not in the paper) stress test: uncorrected plain-IS surrogate (name=none) vs PPO clip
@@ -83,7 +84,7 @@ def method_spec(method: str, seed: int, args) -> RunSpec:
 
 
 def method_label(method: str, args) -> str:
-  return {"none": "uncorrected (plain IS surrogate)", "tis": "token TIS (+PPO clip)", "ppo_clip": "PPO clip [0.8, 1.28]",
+  return {"none": "uncorrected (plain IS surrogate)", "tis": "token TIS (decoupled PPO)", "ppo_clip": "PPO clip [0.8, 1.28]",
           "trm_max": f"TRM-Max delta={args.delta_max:g}", "trm_avg": f"TRM-Avg delta_avg={args.delta_avg:g}",
           "loose_max": f"Max alone delta={args.loose_max:g}", "loose_avg": f"Avg alone delta_avg={args.loose_avg:g}",
           "loose_max_avg": f"Max&Avg {args.loose_max:g} & {args.loose_avg:g}"}[method]

@@ -11,7 +11,9 @@ Runs whose metrics.jsonl is complete are not re-run.
 
 Outputs in --out: sweep_summary.csv / sweep_summary.md (per point: final eval score, final rollout
 reward, mean accept rate, fraction of steps with bounds/certified_improvement > 0, mean max-KL, mean
-B*, mean certified improvement) and sweep.png (the first three against delta per T and against T per delta).
+pre-update B*, mean certified improvement; then the post-update surrogate L'(theta') and B*, and the
+certificate on the accepted rows) and sweep.png (the first three against delta per T and against T per delta).
+Every run has bounds.certify_update on (experiments/common.py RUN_DEFAULTS).
 """
 from __future__ import annotations
 
@@ -54,10 +56,20 @@ def point_spec(point: dict, seed: int, args) -> RunSpec:
 
 
 def point_summary(rows: list[dict], last_k: int = 5) -> dict:
-  """Scalars of one run: final scores, mean accept rate, certified fraction, mismatch and bound means."""
+  """Scalars of one run: final scores, mean accept rate, certified fraction, mismatch and bound means.
+
+  The certificate columns are the POST-update ones (bounds.certify_update): L'(theta') - B*(theta' vs
+  pi_roll) over the whole batch (certified_*) and over the accepted rows (accepted_certified_*).
+  """
   ci = list(common.series(rows, "bounds/certified_improvement").values())
+  aci = list(common.series(rows, "bounds/accepted/certified_improvement").values())
   mean = lambda key: float(np.mean(list(common.series(rows, key).values()) or [np.nan]))
   return {
+      "accepted_certified_frac": float(np.mean(np.asarray(aci) > 0)) if aci else float("nan"),
+      "accepted_certified_mean": float(np.mean(aci)) if aci else float("nan"),
+      "surrogate_post_mean": mean("bounds/post/surrogate"),
+      "unified_post_mean": mean("bounds/post/unified"),
+      "unified_accepted_mean": mean("bounds/accepted/unified"),
       "final_eval": common.final_value(rows, "eval/reward_mean", 1),
       "final_reward_last5": common.final_value(rows, "reward/mean", last_k),
       "accept_mean": mean("trm/accept_rate"),
@@ -71,7 +83,8 @@ def point_summary(rows: list[dict], last_k: int = 5) -> dict:
 
 
 COLUMNS = ("final_eval", "final_reward_last5", "accept_mean", "certified_frac", "certified_mean", "kl_max_mean",
-           "unified_mean", "ppl_gap_mean", "steps")
+           "unified_mean", "ppl_gap_mean", "steps", "surrogate_post_mean", "unified_post_mean",
+           "accepted_certified_frac", "accepted_certified_mean", "unified_accepted_mean")
 
 
 def summarize(points: list[dict], seeds: int, args) -> list[dict]:

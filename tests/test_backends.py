@@ -187,3 +187,23 @@ def test_mismatch_is_measured_and_sane(mismatch, kind, name):
     # Recomputing under the backend's numerics explains most of the mismatch: the cached bf16 sampler
     # and a full bf16 forward differ only by bf16 rounding of different reduction shapes.
     assert s["recompute_kl_max"] < s["kl_max"], (s["recompute_kl_max"], s["kl_max"])
+
+
+def test_router_backends_flip_routes_on_qwen3_moe_layout():
+  """The router-precision / jitter backends on a Qwen3-MoE-like model (q/k norm, unnormalised top-k,
+  dense layer 0 among MoE layers 1, 2): the sampler's routes differ from the learner's, the exact one's do not."""
+  g, params = tiny_models.build("moe", vocab=V, n_experts=8, n_layers=3, qk_norm=True, norm_topk_prob=False,
+                                mlp_only_layers=(0,))
+  rows = 4 * B  # ~2000 routing decisions: bf16 rounding flips ~0.5% of them
+  prompt_mask = jnp.arange(P)[None] >= (P - jnp.array([6, 2, 4, 1] * (rows // 4)))[:, None]
+  prompt = jnp.where(prompt_mask, jax.random.randint(jax.random.key(2), (rows, P), 3, V), 0)
+  flips = {}
+  for name in ("exact", "router_bf16", "router_jitter"):
+    c = default_backend_config()
+    c.update(BACKENDS[name])
+    be = backend_from_config(c)
+    out = sample(g, params, prompt, prompt_mask, jax.random.key(3), max_new_tokens=T, numerics=be.numerics)
+    assert out.routes.shape == (2, rows, T, 2)  # the two MoE layers only
+    _, routes = learner_forward(g, params, prompt, prompt_mask, out.tokens, out.mask)
+    flips[name] = float(routing_flip_frac(out.routes, routes[:, :, P:], out.mask))
+  assert flips["exact"] == 0.0 and flips["router_bf16"] > 0 and flips["router_jitter"] > 0, flips

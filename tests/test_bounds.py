@@ -28,7 +28,13 @@ def test_kl_only_column():
   _close(bounds.mixed_kl(T, d, kls), 8.192, 3)
   _close(bounds.mixed_tv(T, e, tvs), 8.192, 3)
   uniform = jnp.full((T,), e)
-  assert float(bounds.adaptive(d, e, uniform)) <= 34.95
+  # Adaptive (uniform Dbar = eps = sqrt(delta/2)) "<= 35.0": its exact value, float64 by hand, is PM-KL's
+  # 34.946 (factor min(1, n eps, sqrt(n delta/2)) = min(1, sqrt(n delta/2)) since sqrt(n) <= n), so an
+  # undersized bound (e.g. 0) fails here.
+  n = np.arange(T, dtype=np.float64)
+  hand = 4 * e * np.sum(np.minimum(np.minimum(1.0, n * e), np.sqrt(n * d / 2)))
+  np.testing.assert_allclose(float(bounds.adaptive(d, e, uniform)), hand, rtol=1e-5)
+  _close(bounds.adaptive(d, e, uniform), 34.946, 3)
   _close(bounds.unified(T, d, e, kls, tvs), 8.192, 3)
 
 
@@ -155,3 +161,31 @@ def test_bound_tables_script_main():
   # The match rule rejects a real disagreement.
   assert not mod.matches(35.2, "35.0") and mod.matches(34.946, "35.0")
   assert not mod.matches(8.4, "8.2", "<=") and mod.matches(1139.52, "1139")
+
+
+def test_certificate_tv_only_uses_tv_supported_bounds():
+  """Top-k rollouts (issue 10): the KL is a lower bound, so B* = min(Coupling, Mixed-TV with TV_seq =
+  min(1, sum_t Dbar_t), Adaptive-TV) and no KL-based bound is returned; inf at padding stays out."""
+  tv = jnp.array([[0.1, 0.2, 0.05, jnp.inf], [0.1, 0.0, jnp.inf, jnp.inf]])
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)
+  cert = bounds.certificate(None, tv, mask, surrogate=jnp.float32(1.0), tv_only=True)
+  assert not {"delta", "kl_seq", "pinsker_marginal_kl", "pinsker_marginal_tv", "mixed_kl", "adaptive"} & set(cert)
+  dbar = np.array([0.1, 0.1, 0.025, 0.0])
+  tv_seq = min(1.0, dbar.sum())  # no sqrt(kl_seq / 2) term: kl_seq is unknown
+  np.testing.assert_allclose(cert["tv_seq"], tv_seq, rtol=1e-6)
+  coupling = 4 * 0.2 * (0 + 0.2 + 0.4)
+  mixed_tv = 4 * 3 * 0.2 * tv_seq
+  # Adaptive-TV, T = 3: factors min(1, 2*0.2), min(1, 0.2), 0.
+  adaptive_tv = 4 * (0.1 * 0.4 + 0.1 * 0.2)
+  np.testing.assert_allclose(cert["unified"], min(coupling, mixed_tv, adaptive_tv), rtol=1e-6)
+  np.testing.assert_allclose(cert["certified_improvement"], 1.0 - min(coupling, mixed_tv, adaptive_tv), rtol=1e-6)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in cert.values())
+
+
+def test_certificate_where_not_product_for_inf_at_padding():
+  kl = jnp.array([[0.02, jnp.inf], [0.04, jnp.nan]])
+  tv = jnp.array([[0.1, jnp.inf], [0.1, jnp.nan]])
+  mask = jnp.array([[1, 0], [1, 0]], jnp.float32)
+  cert = bounds.certificate(kl, tv, mask)
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in cert.values())
+  np.testing.assert_allclose(cert["kl_seq"], 0.03, rtol=1e-6)

@@ -59,3 +59,31 @@ def test_parse_arg_types_and_errors():
     config_lib.parse_arg("bogus=1", smoke=False)
   with pytest.raises(ValueError, match="backend must be one of"):
     load("trm", "backend=quantum")
+
+
+@pytest.mark.parametrize("key,closest", [
+    ("trm.detla", "trm.delta"),  # a typo
+    ("data.group_size", "rl.group_size"),  # the right name in the wrong section
+    ("optim.learning_rate", None),
+])
+def test_unknown_key_names_the_closest_existing_keys(key, closest):
+  msg = config_lib.unknown_key_message(config_lib.default_config(), key)
+  assert msg.startswith(f"config.{key} is not a known field; closest: ") and "\n" not in msg
+  if closest:
+    assert msg.split("closest: ")[1].split(", ")[0] == closest
+  with pytest.raises(config_lib.ConfigError, match=f"closest: {closest}" if closest else "closest"):
+    config_lib.with_overrides(load("default"), {key: 1})
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "dr_grpo"])
+def test_group_size_one_is_rejected_for_group_relative_advantages(advantage):
+  c = config_lib.with_overrides(load("default"), {"rl.group_size": 1, "rl.advantage": advantage,
+                                                  "rl.prompts_per_step": 8})
+  with pytest.raises(config_lib.ConfigError, match=r"config\.rl\.group_size must be >= 2"):
+    config_lib.validate(c)
+
+
+def test_max_consecutive_skips_is_checked():
+  c = config_lib.with_overrides(load("default"), {"checkpoint.max_consecutive_skips": 0})
+  with pytest.raises(config_lib.ConfigError, match=r"checkpoint\.max_consecutive_skips must be >= 1"):
+    config_lib.validate(c)

@@ -112,7 +112,7 @@ def test_host_shards_are_disjoint(data_dir):
   c = _cfg(data_dir)
   shards = []
   for index in range(3):
-    it = pipeline.make_iterator(c, "train", batch_size=4, seed=0, num_epochs=1,
+    it = pipeline.make_iterator(c, "train", batch_size=12, seed=0, num_epochs=1,
                                 process_index=index, process_count=3)
     shards.append({bytes(p) for b in it for p in b["prompt"]})
   assert all(len(s) == 32 for s in shards)
@@ -156,5 +156,6 @@ def test_default_config_and_errors(data_dir):
   assert (c.task, c.horizon, c.warmstart_noise, c.data_dir) == ("running_sum", 64, 0.0, "")
   for field in ("num_train", "num_eval", "math_manual_dir", "size", "min_size"):
     assert field in c
+  assert (c.text.tokenizer_path, c.text.prompt_len, c.text.reward, c.text.overlong_buffer) == ("", 2048, "dapo", 0)
   with pytest.raises(ValueError, match="batch_size=100"):
     pipeline.make_iterator(_cfg(data_dir), "test", batch_size=100, seed=0)

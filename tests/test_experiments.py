@@ -100,7 +100,8 @@ def test_pod_config_validates_and_mirrors_the_paper():
   assert c.optim.lr == 1e-6
   assert (c.trm.criterion, c.trm.delta, c.trm.delta_avg) == ("max_avg", 0.05, 0.001)
   assert (c.rl.loss, c.rl.clip_low, c.rl.clip_high) == ("ppo_clip", 0.2, 0.28)
-  assert (c.mesh.fsdp, c.model.size, c.rollout.backend.precision) == (-1, "1b", "bfloat16")
+  assert (c.mesh.fsdp, c.model.size, c.rollout.backend.precision) == (-1, "qwen3-8b", "bfloat16")
+  assert (c.data.task, c.eval.sets, c.eval.k, c.eval.top_p, c.warmstart.steps) == ("dapo_math", "aime25", 32, 0.95, 0)
   assert c.distributed.initialize and c.data.horizon >= 4096
   import importlib.util
   spec = importlib.util.spec_from_file_location("pod", os.path.join(config_lib.CONFIG_DIR, "pod_qwen3_8b.py"))

@@ -113,3 +113,99 @@ def test_all_masked_batch_is_zero_without_nan(mode):
   assert all(np.isfinite(float(v)) for v in aux.values())
   (loss, _), g = jax.value_and_grad(lambda l: losses.is_loss(l, bp, adv, w, mode), has_aux=True)(lp)
   assert float(loss) == 0.0 and np.all(np.asarray(g) == 0.0)
+
+
+# ----------------------------------------------------------------------------- IS x PPO composition (issue 10)
+# The gradient weight of one token, N * d loss / d log pi_theta(y_t), through the learner's own composition
+# (learner.analyse -> policy_loss) as the fused update computes it: pi_theta = pi_prox at the step, rho =
+# pi_prox / pi_roll. RLOO on groups of 2 with rewards (1, 0) gives A = +1 and -1 exactly.
+
+RHOS = (0.5, 1.2, 3.0)
+
+
+def _composition_grad(cfg_name, arg, n_tokens=1, **overrides):
+  from trm_jax import config as config_lib
+  from trm_jax import learner
+  from trm_jax.rollout.batch import RolloutBatch
+  cfg = config_lib.load_config(cfg_name, arg)
+  cfg = config_lib.validate(config_lib.with_overrides(cfg, {
+      "rl.advantage": "rloo", "rl.group_size": 2, "rl.prompts_per_step": len(RHOS), "trm.criterion": "none",
+      "trm.source": "sampled", "trm.divergence": "k2", "trm.divergence_avg": "k3", **overrides}))
+  B = 2 * len(RHOS)
+  rho = np.repeat(RHOS, 2)  # rows (rho, A=+1), (rho, A=-1) per group
+  lp = np.full((B, n_tokens), math.log(0.3), np.float32)
+  roll = lp.copy()
+  roll[:, 0] -= np.log(rho)  # token 0 has rho; later tokens rho = 1
+  ones = jnp.ones((B, n_tokens), jnp.float32)
+  batch = RolloutBatch(prompt=jnp.ones((B, 1), jnp.int32), prompt_mask=jnp.ones((B, 1)),
+                       response=jnp.ones((B, n_tokens), jnp.int32), response_mask=ones,
+                       rollout_logp=jnp.asarray(roll), rewards=jnp.asarray(np.tile([1.0, 0.0], len(RHOS))),
+                       group_size=2)
+
+  def loss(learner_logp):
+    targets, _ = learner.analyse(cfg, {"learner_logp": learner_logp, "entropy": ones * 0}, {}, batch)
+    return learner.policy_loss(cfg, learner_logp, dict(targets, response_mask=ones))[0]
+
+  return np.asarray(jax.grad(loss)(jnp.asarray(lp))) * B, np.tile([1.0, -1.0], len(RHOS))
+
+
+@pytest.mark.parametrize("name,expect", [
+    # token TIS (decoupled PPO): weight A * min(rho, 2), ratio pi_theta/pi_prox = 1 never clipped.
+    ("tis", lambda rho, a: a * min(rho, 2.0)),
+    # plain PPO clip [0.8, 1.28] against pi_roll: A * rho unless clipped (rho 0.5, A<0 and rho 3, A>0).
+    ("ppo_clip", lambda rho, a: 0.0 if (rho < 0.8 and a < 0) or (rho > 1.28 and a > 0) else a * rho),
+])
+def test_gradient_weight_tis_and_ppo_hand_values(name, expect):
+  g, adv = _composition_grad("baselines", f"name={name}")
+  want = [-expect(r, a) for r, a in zip(np.repeat(RHOS, 2), adv)]
+  np.testing.assert_allclose(g[:, 0], want, rtol=1e-5, atol=1e-7)
+  # Hand values written out: rho = 0.5 -> -0.5 (not -0.25 = -min(rho, 2) rho), rho = 3 -> -2 (not -6).
+  if name == "tis":
+    np.testing.assert_allclose(g[:, 0], [-0.5, 0.5, -1.2, 1.2, -2.0, 2.0], rtol=1e-5)
+  else:
+    np.testing.assert_allclose(g[:, 0], [-0.5, 0.0, -1.2, 1.2, 0.0, 3.0], rtol=1e-5)
+
+
+def test_gradient_weight_seq_is_hand_values():
+  """seq_is: every token of a row gets A * min(prod_t rho_t, 2) once (token 0 carries rho, token 1 rho=1)."""
+  g, adv = _composition_grad("baselines", "name=seq_is", n_tokens=2)
+  want = np.array([-a * min(r, 2.0) for r, a in zip(np.repeat(RHOS, 2), adv)])
+  np.testing.assert_allclose(g, np.stack([want, want], 1), rtol=1e-5, atol=1e-7)
+
+
+def test_decoupled_ppo_without_is_baseline_carries_untruncated_weight():
+  """ratio_base=learner, no IS baseline: the weight is the untruncated pi_prox/pi_roll (A rho), no clip."""
+  g, adv = _composition_grad("baselines", "name=ppo_clip", **{"rl.ratio_base": "learner"})
+  np.testing.assert_allclose(g[:, 0], [-0.5, 0.5, -1.2, 1.2, -3.0, 3.0], rtol=1e-5)
+
+
+def test_is_baseline_with_rollout_ratio_is_refused():
+  from trm_jax import config as config_lib
+  cfg = config_lib.load_config("baselines", "name=tis")
+  with pytest.raises(ValueError, match="rl.ratio_base"):
+    config_lib.validate(config_lib.with_overrides(cfg, {"rl.ratio_base": "rollout"}))
+
+
+def test_decoupled_ppo_clips_against_proximal_with_is_weight():
+  """After an update (epochs > 1) r = pi_theta/pi_prox moves; PPO clips r, the IS weight w multiplies:
+  d loss / d log pi = -A w r unclipped, 0 clipped (hand values, w = 0.5)."""
+  prox = jnp.zeros((4, 1))
+  lp = jnp.log(jnp.array([[1.5], [1.5], [1.1], [0.5]]))
+  adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+  w = jnp.full((4, 1), 0.5)
+  f = lambda x: losses.ppo_clip_loss(x, prox, adv, w, eps_low=0.2, eps_high=0.28)[0]
+  g = np.asarray(jax.grad(f)(lp))[:, 0] * 4
+  np.testing.assert_allclose(g, [0.0, 0.5 * 1.5, -0.5 * 1.1, 0.0], rtol=1e-6)
+  _, aux = losses.ppo_clip_loss(lp, prox, adv, w, eps_low=0.2, eps_high=0.28)
+  assert float(aux["clip_frac"]) == 0.5
+
+
+@pytest.mark.parametrize("mode,expected", [("seq_total", 3.0), ("token_mean", 5.0), ("seq_mean_token_sum", 2.0),
+                                           ("seq_mean_token_mean", 2.0)])
+def test_denominator_counts_rejected_rows_with_the_mask(mode, expected):
+  mask = jnp.array([[1, 1, 1], [1, 1, 0], [0, 0, 0]], jnp.float32)
+  weights = mask.at[1].set(0.0)  # row 1 rejected: weight 0, but its tokens are in the mask
+  assert float(losses.denominator(weights, mode, mask)) == expected
+  x = jnp.ones_like(mask)
+  np.testing.assert_allclose(losses.aggregate(x, weights, mode, mask) * expected,
+                             {"seq_mean_token_mean": 1.0}.get(mode, 3.0), rtol=1e-6)

@@ -131,3 +131,13 @@ def test_weights_are_stop_gradient():
     return jnp.sum(c.token_weight) + jnp.sum(c.seq_mask)
   g = jax.grad(total)(LEARN)
   assert np.all(_np(g) == 0.0)
+
+
+def test_proximal_weight_hand_values():
+  """Decoupled PPO's untruncated rollout -> proximal IS weight pi_prox/pi_roll, 0 off the mask, finite on
+  garbage (-inf) padding, stop-gradient."""
+  w = masking.proximal_weight(LEARN, ROLL, MASK)
+  np.testing.assert_allclose(w, [[1.5, 0.8, 3.0], [1.0, 1.1, 0], [0, 0, 0]], rtol=1e-5)
+  g = jax.grad(lambda lp: masking.proximal_weight(lp, ROLL, MASK).sum())(LEARN)
+  assert np.all(_np(g) == 0)
+  assert set(masking.IS_BASELINES) == {"tis", "seq_is"}

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 import tiny_models
-from trm_jax.models import LEARNER
-from trm_jax.rollout import processed_logprobs, sample, sample_groups, sequence_inputs
+from trm_jax.models import LEARNER, Numerics
+from trm_jax.rollout import processed_logprobs, sample, sample_groups, sampler, sequence_inputs
+from trm_jax.rollout.sampler import clip_frac
 
 V, P, T = 32, 6, 12
 
@@ -157,16 +158,113 @@ def test_deterministic_given_rng(dense, prompts):
   assert float(jnp.mean(a.tokens != c.tokens)) > 0.5
 
 
-def test_sample_groups(dense, prompts):
-  g, params = dense
+@pytest.mark.parametrize("kind,numerics", [("moe", LEARNER),
+                                            ("dense", Numerics(dtype="bfloat16", attention="alt_order"))])
+def test_sample_groups_share_prefill(kind, numerics, prompts, request):
+  """One prefill per prompt, KV cache broadcast G times: same tokens / log-probs as G separate prefills."""
+  g, params = request.getfixturevalue(kind)
   prompt, mask = prompts[0][:2], prompts[1][:2]
-  kw = dict(max_new_tokens=T, temperature=0.7)
+  kw = dict(max_new_tokens=T, temperature=0.7, numerics=numerics, return_logits=True)
   out = sample_groups(g, params, prompt, mask, jax.random.key(7), group_size=4, **kw)
-  ref = sample(g, params, jnp.repeat(prompt, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(7), **kw)
+  ref = sample(g, params, jnp.repeat(prompt, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(7), group_size=1,
+               **kw)
   assert out.tokens.shape == (8, T)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.mask, ref.mask)
+  np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5)
+  m = out.mask > 0
+  np.testing.assert_allclose(out.logits[m], ref.logits[m], atol=1e-4)
+  if kind == "moe":
+    live = jnp.broadcast_to(m, out.routes.shape[:-1])
+    np.testing.assert_array_equal(out.routes[live], ref.routes[live])
   # The G samples of one prompt differ from each other.
   assert len({tuple(np.asarray(r)) for r in out.tokens[:4]}) == 4
+
+
+def test_group_size_must_divide_batch(dense, prompts):
+  g, params = dense
+  with pytest.raises(ValueError, match="group_size"):
+    sample(g, params, *prompts, jax.random.key(0), max_new_tokens=T, group_size=3)
+
+
+# ----------------------------------------------------------------------------- decoding to real lengths
+
+
+def _first_stop(tokens, stop_ids):
+  """Index of the first stop id in a free-running row, or None (computed with numpy, independently)."""
+  hits = np.flatnonzero(np.isin(np.asarray(tokens), stop_ids))
+  return int(hits[0]) if len(hits) else None
+
+
+@pytest.mark.parametrize("kind,kernel", [("moe", "cached"), ("dense", "full")])
+def test_while_loop_matches_scan(kind, kernel, prompts, request):
+  """The early-exit while loop gives the fixed-length scan's tokens, mask, log-probs, logits and routes."""
+  g, params = request.getfixturevalue(kind)
+  rng = jax.random.key(11)
+  kw = dict(max_new_tokens=T, temperature=0.7, kernel=kernel, return_logits=True, topk=3)
+  free = sample(g, params, *prompts, rng, eos_id=[-1, -1], loop="scan", **kw)  # same program as `scan`
+  stops = [int(free.tokens[0, 2]), int(free.tokens[1, 1])]
+  scan = sample(g, params, *prompts, rng, eos_id=stops, loop="scan", **kw)
+  loop = sample(g, params, *prompts, rng, eos_id=stops, loop="while", **kw)
+  np.testing.assert_array_equal(loop.tokens, scan.tokens)
+  np.testing.assert_array_equal(loop.mask, scan.mask)
+  np.testing.assert_array_equal(loop.logp, scan.logp)
+  np.testing.assert_array_equal(loop.clipped, scan.clipped)
+  m = np.asarray(loop.mask) > 0
+  np.testing.assert_array_equal(np.asarray(loop.logits)[m], np.asarray(scan.logits)[m])
+  np.testing.assert_array_equal(np.asarray(loop.topk_ids)[m], np.asarray(scan.topk_ids)[m])
+  if kind == "moe":
+    live = np.broadcast_to(m, loop.routes.shape[:-1])
+    np.testing.assert_array_equal(np.asarray(loop.routes)[live], np.asarray(scan.routes)[live])
+
+
+def test_stop_ids_and_clip_frac(dense, prompts):
+  """Any of several stop ids ends a row; rows without one are `clipped`; the loop exits when all stopped."""
+  g, params = dense
+  rng = jax.random.key(12)
+  kw = dict(max_new_tokens=T, temperature=0.7, return_logits=True)
+  free = sample(g, params, *prompts, rng, eos_id=[-1, -1], **kw)
+  np.testing.assert_array_equal(free.clipped, True)
+  assert float(clip_frac(free)) == 1.0
+  stops = [int(free.tokens[0, 5]), int(free.tokens[3, 2])]
+  out = sample(g, params, *prompts, rng, eos_id=stops, **kw)
+  ends = [_first_stop(r, stops) for r in free.tokens]
+  for i, e in enumerate(ends):
+    n = T if e is None else e + 1
+    np.testing.assert_array_equal(out.tokens[i, :n], free.tokens[i, :n])
+    np.testing.assert_array_equal(out.tokens[i, n:], 0)
+    np.testing.assert_array_equal(out.mask[i], (np.arange(T) < n).astype(np.float32))
+  np.testing.assert_array_equal(out.clipped, [e is None for e in ends])
+  assert float(clip_frac(out)) == pytest.approx(np.mean([e is None for e in ends]))
+  # Once every row has stopped the loop exits: no logits are computed after the last stop.
+  if all(e is not None for e in ends):
+    last = max(ends)
+    assert last < T - 1
+    np.testing.assert_array_equal(out.logits[:, last + 1:], 0.0)
+    assert bool(jnp.all(jnp.any(out.logits[:, :last + 1] != 0, axis=-1)))
+
+
+def test_all_rows_stop_at_once_exits_early(dense, prompts):
+  """Every id is a stop id: one token per row, then the loop ends (logits after step 0 never computed)."""
+  g, params = dense
+  out = sample(g, params, *prompts, jax.random.key(13), max_new_tokens=T, eos_id=list(range(V)),
+               return_logits=True)
+  np.testing.assert_array_equal(out.mask[:, 0], 1.0)
+  np.testing.assert_array_equal(out.mask[:, 1:], 0.0)
+  np.testing.assert_array_equal(out.clipped, False)
+  assert bool(jnp.all(jnp.any(out.logits[:, 0] != 0, axis=-1)))
+  np.testing.assert_array_equal(out.logits[:, 1:], 0.0)
+
+
+def test_compiles_once_per_shape(dense, prompts):
+  """New keys and new stop ids (same count) reuse the compiled program."""
+  g, params = dense
+  kw = dict(max_new_tokens=T, temperature=0.7, return_logits=True)
+  sample(g, params, *prompts, jax.random.key(0), eos_id=[3, 4], **kw)
+  n = sampler._sample_jit._cache_size()
+  sample(g, params, *prompts, jax.random.key(1), eos_id=[5, 6], **kw)
+  sample(g, params, *prompts, jax.random.key(2), eos_id=[7, 8], pad_id=1, **kw)
+  assert sampler._sample_jit._cache_size() == n
 
 
 def test_bad_arguments(dense, prompts):

@@ -54,3 +54,24 @@ def test_sampler_sharded_equals_single_device(prompts, kind, name):
   np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(eight.mask))
   np.testing.assert_allclose(np.asarray(one.logp), np.asarray(eight.logp), atol=1e-5)
   np.testing.assert_allclose(np.asarray(one.topk_logp), np.asarray(eight.topk_logp), atol=1e-5)
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+  """Adam's mu / nu on an fsdp x tensor mesh: each device holds 1/8 of them, as of the parameters (XLA's
+  own propagation left zeros_like(param) replicated: a full float32 copy of mu and nu per device)."""
+  import optax
+
+  graphdef, params = build("dense")
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  params = jax.device_put(params, sharding_lib.state_shardings(params, mesh))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  state = sharding_lib.init_sharded(tx.init, params, mesh)
+  adam = state[1][0]
+  for moment in (adam.mu, adam.nu):
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(moment)):
+      assert m.sharding.is_equivalent_to(p.sharding, p.ndim), (m.shape, m.sharding, p.sharding)
+      assert m.addressable_shards[0].data.shape == p.addressable_shards[0].data.shape
+  wq = [p for p in jax.tree.leaves(params) if p.ndim >= 3]
+  assert wq and all(p.addressable_shards[0].data.size * 8 <= p.size * 2 for p in wq)  # really sharded
+  assert adam.count.sharding.is_fully_replicated and len(adam.count.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(adam.mu)[0]), 0.0)

@@ -203,3 +203,13 @@ def test_get_task_errors_name_the_bad_value():
   with pytest.raises(ValueError, match="min_size=9"):
     tasks.get_task("addition", 64, size=5, min_size=9)
   assert set(tasks.TASKS) == {"running_sum", "copy_reverse", "addition", "sort"}
+
+
+def test_task_from_config_dispatches_synthetic_and_text():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(task="sort", horizon=64, size=5, min_size=2))
+  t = tasks.task_from_config(cfg)
+  assert not t.is_text and t == tasks.get_task("sort", 64, 5, 2)
+  assert TOK.stop_ids == (EOS_ID,) and tasks.TEXT_TASKS.keys() == {"dapo_math", "aime24", "aime25"}
+  assert tasks.is_text_task("aime25") and not tasks.is_text_task("sort")
+  assert not set(tasks.TEXT_TASKS) & set(tasks.TASKS)

@@ -23,7 +23,7 @@ REQUIRED = [
 
 def smoke_config(data_dir, **overrides):
   c = config_lib.load_config("default", "smoke")
-  return config_lib.with_overrides(c, {"data.data_dir": str(data_dir), "warmstart.steps": 5, "rl.steps": 4,
+  return config_lib.with_overrides(c, {"data.data_dir": str(data_dir), "rl.steps": 4, "bounds.certify_update": True,
                                        "eval.every": 2, "checkpoint.every": 2, "log.progress": False,
                                        "log.tensorboard": True, **overrides})
 
@@ -53,6 +53,15 @@ def test_smoke_run_writes_every_metric(uninterrupted):
     for k in REQUIRED:
       assert row[k] is not None and math.isfinite(row[k]), (k, row[k])
   assert rows[1]["eval/reward_mean"] is not None
+  # The smoke run learns something (issue 14.8): non-zero rewards, real updates, parameters that move.
+  assert max(r["reward/mean"] for r in rows) > 0
+  assert sum(r["grad_norm"] > 0 for r in rows) >= 2 and all(r["update/skipped"] == 0 for r in rows)
+  import orbax.checkpoint as ocp
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  p2, p4 = (ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, s, "state"))["state"]["params"]
+            for s in ("2", "4"))
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax_leaves(p2), jax_leaves(p4))]
+  assert np.mean(np.array(moved) > 0) > 0.5, moved  # the parameters moved between checkpoints 2 and 4
   assert os.path.exists(summary["curves"]) and os.path.getsize(summary["curves"]) > 10_000
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
   assert os.listdir(os.path.join(workdir, "tb"))
@@ -60,6 +69,11 @@ def test_smoke_run_writes_every_metric(uninterrupted):
   r = rows[-1]
   assert r["bounds/unified"] <= min(r["bounds/mixed_kl"], r["bounds/pinsker_marginal_kl"], r["bounds/coupling"]) + 1e-9
   assert r["bounds/pinsker_marginal_kl"] <= r["bounds/classical_kl"] + 1e-9
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
 
 
 def test_stop_and_resume_matches_uninterrupted(uninterrupted, data_dir, tmp_path):
@@ -92,6 +106,9 @@ def test_cli_runs_and_overrides(data_dir, tmp_path):
   assert len(metrics_lib.read_jsonl(str(workdir / "metrics.jsonl"))) == 1
   import json
   assert json.load(open(workdir / "config.json"))["trm"]["delta"] == 0.07
+  again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)  # a finished run
+  assert again.returncode == 0 and "is already complete" in again.stdout
+  assert str(workdir / "metrics.jsonl") in again.stdout
   bad = subprocess.run(cmd[:3] + ["--config.trm.detla=0.1"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode != 0 and "detla" in bad.stderr

@@ -205,7 +205,22 @@ BOUND_NAMES = ("classical_kl", "classical_tv", "pinsker_marginal_kl", "pinsker_m
                "unified")
 
 
-def certificate(kl: Array, tv: Array, mask: Array, *, surrogate: Optional[Array] = None) -> dict:
+TV_BOUND_NAMES = ("classical_tv", "coupling", "linear", "mixed_tv", "adaptive_tv", "unified")
+
+
+def unified_tv(T, eps, tv_seq, dbar, *, t_max: Optional[int] = None) -> Array:
+  """B* from the TV-supported members only: min{Coupling, Mixed-TV, Adaptive-TV} (paper Sec. 2).
+
+  For when only TV upper bounds are known (top-k rollouts: the KL is a lower bound there, so PM-KL,
+  PM-TV, Mixed-KL and the hybrid Adaptive would not be upper bounds). tv_seq must itself be an upper bound
+  (e.g. min(1, sum_t dbar_t)).
+  """
+  return jnp.minimum(jnp.minimum(coupling(T, eps, t_max=t_max), mixed_tv(T, eps, tv_seq)),
+                     adaptive_tv(eps, dbar, T=T))
+
+
+def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optional[Array] = None,
+                tv_only: bool = False) -> dict:
   """Batch estimates of delta, eps, kl_seq, tv_seq, dbar and every bound (paper Sec. 2-3).
 
   From exact per-position divergences of B sampled sequences (contexts c_t ~ d_t^roll):
@@ -225,22 +240,37 @@ def certificate(kl: Array, tv: Array, mask: Array, *, surrogate: Optional[Array]
     tv: [B, L] exact TV per position.
     mask: [B, L] valid response positions.
     surrogate: optional scalar estimate of L'(theta); adds certified_improvement = surrogate - unified.
+    tv_only: the KL is not an upper bound (top-k rollouts): `kl` is ignored (may be None), tv_seq =
+      min(1, sum_t dbar_t) and only the TV-supported bounds TV_BOUND_NAMES are returned, with
+      unified = unified_tv (min of Coupling, Mixed-TV, Adaptive-TV).
 
   Returns:
-    dict of float32 scalars delta, eps, kl_seq, tv_seq, T and every name in BOUND_NAMES, plus dbar [L].
+    dict of float32 scalars delta, eps, kl_seq, tv_seq, T and every name in BOUND_NAMES, plus dbar [L]
+    (tv_only: eps, tv_seq, T, dbar and TV_BOUND_NAMES).
   """
-  chex.assert_rank([kl, tv, mask], 2)
-  chex.assert_equal_shape([kl, tv, mask])
+  chex.assert_rank([tv, mask], 2)
+  chex.assert_equal_shape([tv, mask])
   valid = jnp.asarray(mask, jnp.float32) > 0
-  kl = jnp.where(valid, jnp.maximum(_f32(kl), 0.0), 0.0)
+  # where, not a product: a padded position may hold inf (0 * inf = NaN).
   tv = jnp.where(valid, jnp.clip(_f32(tv), 0.0, 1.0), 0.0)
-  L = kl.shape[-1]
+  L = tv.shape[-1]
   n = jnp.maximum(jnp.sum(jnp.any(valid, axis=-1).astype(jnp.float32)), 1.0)
-  delta, eps = jnp.max(kl), jnp.max(tv)
-  kl_seq = jnp.sum(kl) / n
+  eps = jnp.max(tv)
   dbar = jnp.sum(tv, axis=0) / n
-  tv_seq = jnp.minimum(jnp.minimum(1.0, jnp.sum(dbar)), _sqrt_half(kl_seq))
   T = jnp.max(jnp.where(valid, jnp.arange(1, L + 1, dtype=jnp.float32), 0.0))
+  if tv_only:
+    tv_seq = jnp.minimum(1.0, jnp.sum(dbar))
+    out = dict(eps=eps, tv_seq=tv_seq, T=T, dbar=dbar, classical_tv=classical_tv(T, eps),
+               coupling=coupling(T, eps, t_max=L), linear=linear(T, eps), mixed_tv=mixed_tv(T, eps, tv_seq),
+               adaptive_tv=adaptive_tv(eps, dbar, T=T), unified=unified_tv(T, eps, tv_seq, dbar, t_max=L))
+    if surrogate is not None:
+      out["certified_improvement"] = _f32(surrogate) - out["unified"]
+    return out
+  chex.assert_equal_shape([kl, tv])
+  kl = jnp.where(valid, jnp.maximum(_f32(kl), 0.0), 0.0)
+  delta = jnp.max(kl)
+  kl_seq = jnp.sum(kl) / n
+  tv_seq = jnp.minimum(jnp.minimum(1.0, jnp.sum(dbar)), _sqrt_half(kl_seq))
   out = dict(
       delta=delta, eps=eps, kl_seq=kl_seq, tv_seq=tv_seq, T=T, dbar=dbar,
       classical_kl=classical_kl(T, delta),

@@ -53,7 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.clip_high = 0.28  # PPO ratio ceiling 1 + clip_high (clip-higher; paper: 1.28)
   c.rl.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off
   c.rl.aggregation = "seq_total"  # seq_total (paper: / total N) | token_mean | seq_mean_token_sum | seq_mean_token_mean
-  c.rl.ratio_base = "rollout"  # PPO ratio against pi_roll (paper) or the learner's pre-update policy (decoupled PPO)
+  # Surrogate ratio. rollout: r = pi_theta/pi_roll (the paper's rho; IS baselines tis/seq_is refused: they would
+  # apply pi/pi_roll twice). learner: decoupled PPO, r = pi_theta/pi_prox, pi_prox = stop_grad(pre-update learner
+  # log-probs), times the IS weight pi_prox/pi_roll (truncated by baseline tis/seq_is, else untruncated).
+  c.rl.ratio_base = "rollout"
   c.rl.epochs = 1  # passes over each rollout batch
   c.rl.minibatches = 1  # optimizer steps per pass; prompts_per_step * group_size must divide evenly
 
@@ -95,15 +98,27 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.learner = ml_collections.ConfigDict()
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
-  c.learner.remat = True  # rematerialise each chunk's logits in the backward pass (memory: one chunk)
+  c.learner.remat = "full"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: what the backward
+  # keeps of each layer (full: only its input; trm_jax/models REMAT_POLICIES); unless none, also recomputes
+  # each chunk's logits (memory: one chunk)
   c.learner.dtype = "float32"  # learner activations/weights: float32 | bfloat16 (master params stay float32)
   c.learner.fuse = True  # epochs = minibatches = 1: one learner forward for statistics AND gradient
 
+  c.bounds = ml_collections.ConfigDict()
+  c.bounds.certify_update = False  # one post-update forward on the batch: bounds/certified_improvement = L'(theta') - B*
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # RL steps between evaluations; 0 = never
-  c.eval.num_prompts = 32  # held-out prompts per evaluation (greedy-free: sampled at eval.temperature)
+  c.eval.num_prompts = 32  # problems per eval set (text sets: 0 = the whole set), sampled at eval.temperature
   c.eval.temperature = 1.0
   c.eval.at_start = True  # also evaluate the warm-started policy, logged as step 0
+  c.eval.sets = ""  # comma-separated eval sets (e.g. "aime25", "aime24,aime25"); "" = data.task's validation split
+  c.eval.k = 1  # samples per problem: eval/<set>/avg@k and pass@k (paper: AIME25 avg@32)
+  c.eval.pass_k = ()  # extra j <= k logged as pass@j (unbiased estimator from the k samples)
+  c.eval.top_p = 1.0  # eval nucleus (paper: 0.95), independent of rollout.top_p
+  c.eval.max_new_tokens = 0  # eval response length; 0 = data.horizon
+  c.eval.batch_prompts = 0  # problems per sampler call (x k rows); 0 = the whole set in one call
+  c.eval.rollout_numerics = False  # sample with the rollout backend's numerics (an inference server) not the learner's
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all devices not used by the other axes
@@ -115,11 +130,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "" = auto-detect (TPU / SLURM)
   c.distributed.num_processes = 0  # 0 = auto
   c.distributed.process_id = -1  # -1 = auto
+  c.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: every other one exits with an error
+  c.distributed.initialization_timeout_s = 300  # wait this long for all processes to join, then fail
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10  # RL steps between checkpoints (and at the end); 0 = only at the end
   c.checkpoint.keep = 2  # newest checkpoints kept
   c.checkpoint.resume = True  # resume from the newest checkpoint in --workdir
+  c.checkpoint.max_consecutive_skips = 5  # stop after this many updates in a row skipped as non-finite
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True  # event files next to metrics.jsonl
@@ -130,17 +148,56 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """A bad config value or key; the CLI prints it as one line (no traceback)."""
+
+
+def closest_keys(config, dotted: str, n: int = 3) -> list[str]:
+  """The existing dotted keys of `config` nearest to `dotted` (difflib), for "did you mean" messages.
+
+  Compares both the full path and its last component, so `data.group_size` finds `rl.group_size`.
+  """
+  import difflib
+  paths = [p for p in _flat_keys(config)]
+  by_path = difflib.get_close_matches(dotted, paths, n=n, cutoff=0.6)
+  leaf = dotted.rsplit(".", 1)[-1]
+  by_leaf = [p for p in paths if p.rsplit(".", 1)[-1] in difflib.get_close_matches(leaf, [q.rsplit(".", 1)[-1]
+                                                                                          for q in paths], cutoff=0.75)]
+  out = []
+  for p in by_path + sorted(by_leaf, key=lambda q: -difflib.SequenceMatcher(None, dotted, q).ratio()):
+    if p not in out:
+      out.append(p)
+  return out[:n]
+
+
+def _flat_keys(config, prefix: str = "") -> list[str]:
+  out = []
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _flat_keys(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def unknown_key_message(config, dotted: str) -> str:
+  """`config.<dotted> is not a known field; closest: a.b, c.d` (one line)."""
+  near = closest_keys(config, dotted)
+  return f"config.{dotted} is not a known field; closest: {', '.join(near) if near else '(none)'}"
+
+
 def _one_of(config, path, allowed):
   value = config
   for key in path.split("."):
     value = value[key]
   if value not in allowed:
-    raise ValueError(f"config.{path} must be one of {allowed}, got {value!r}")
+    raise ConfigError(f"config.{path} must be one of {allowed}, got {value!r}")
 
 
 def _check(cond: bool, path: str, msg: str):
   if not cond:
-    raise ValueError(f"config.{path} {msg}")
+    raise ConfigError(f"config.{path} {msg}")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -172,7 +229,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be increasing")
   _check(config.rl.steps >= 0, "rl.steps", f"must be >= 0, got {config.rl.steps}")
   _check(config.rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
-  _check(config.rl.group_size >= 1, "rl.group_size", "must be >= 1")
+  _check(config.rl.group_size >= 2, "rl.group_size",
+         f"must be >= 2 with rl.advantage={config.rl.advantage!r} (group-relative: with one response per "
+         f"prompt every advantage is 0 and nothing is learned), got {config.rl.group_size}")
   _check(0 <= config.rl.clip_low < 1, "rl.clip_low", f"must be in [0, 1), got {config.rl.clip_low}")
   _check(config.rl.clip_high >= 0, "rl.clip_high", f"must be >= 0, got {config.rl.clip_high}")
   _check(config.rl.dual_clip == 0 or config.rl.dual_clip > 1, "rl.dual_clip",
@@ -188,6 +247,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
   _one_of(config, "learner.dtype", ("float32", "bfloat16"))
+  _one_of(config, "learner.remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
+  _check(config.rl.ratio_base == "learner" or config.baseline.kind not in ("tis", "seq_is"), "rl.ratio_base",
+         f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "
+         "applied twice; use rl.ratio_base='learner' (decoupled PPO: the IS weight corrects rollout -> proximal)")
   _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
@@ -195,21 +258,39 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
          "may auto-fill (-1) at most one axis")
   _check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  _check(config.eval.k >= 1, "eval.k", f"must be >= 1, got {config.eval.k}")
+  _check(all(1 <= int(j) <= config.eval.k for j in config.eval.pass_k), "eval.pass_k",
+         f"entries must be in [1, eval.k={config.eval.k}], got {tuple(config.eval.pass_k)}")
+  _check(config.eval.temperature > 0, "eval.temperature", "must be > 0")
+  _check(0 < config.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+  _check(config.eval.max_new_tokens >= 0, "eval.max_new_tokens", "must be >= 0 (0 = data.horizon)")
+  _check(config.eval.batch_prompts >= 0, "eval.batch_prompts", "must be >= 0 (0 = whole set)")
+  _check(config.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
+  _check(config.checkpoint.max_consecutive_skips >= 1, "checkpoint.max_consecutive_skips", "must be >= 1")
   # The sub-trees own their own checks (they know their fields best).
   from trm_jax.rollout.backends import backend_from_config
   backend_from_config(config.rollout.backend)
+  from trm_jax.data import tasks  # text tasks (dapo_math, aime24, aime25): the data.text fields
+  if tasks.is_text_task(config.data.task):
+    try:
+      tasks.check_text_config(config.data)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from e
+    _check(config.warmstart.steps == 0, "warmstart.steps",
+           f"must be 0 for the text task {config.data.task!r} (zero-RL: it has no supervised targets)")
   return config
 
 
-def _check_known_keys(config, reference, prefix):
+def _check_known_keys(config, reference, prefix, root=None):
+  root = reference if root is None else root
   for key in config.keys():
     path = f"{prefix}{key}"
     if key not in reference:
-      raise ValueError(f"config.{path} is not a known field (known here: {sorted(reference.keys())})")
+      raise ConfigError(unknown_key_message(root, path))
     if isinstance(config[key], ml_collections.ConfigDict):
       if not isinstance(reference[key], ml_collections.ConfigDict):
-        raise ValueError(f"config.{path} must be a value, not a sub-tree")
-      _check_known_keys(config[key], reference[key], path + ".")
+        raise ConfigError(f"config.{path} must be a value, not a sub-tree")
+      _check_known_keys(config[key], reference[key], path + ".", root)
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -244,11 +325,11 @@ def apply_common_args(config: ml_collections.ConfigDict, args: ml_collections.Co
     config.data.horizon = 32
     config.data.num_train = 256
     config.data.num_eval = 64
-    config.warmstart.steps = 20
+    config.warmstart.steps = 150  # enough for a non-zero reward, so RL's gradients are not all zero
     config.warmstart.batch_size = 16
     config.rl.steps = 3
     config.rl.prompts_per_step = 4
-    config.rl.group_size = 2
+    config.rl.group_size = 4  # varied rewards within a group -> non-zero advantages
     config.eval.every = 3
     config.eval.num_prompts = 8
     config.checkpoint.every = 0
@@ -293,10 +374,10 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_col
     node, path = config, dotted.split(".")
     for key in path[:-1]:
       if key not in node:
-        raise ValueError(f"config.{dotted}: {key!r} is not a known field")
+        raise ConfigError(unknown_key_message(config, dotted))
       node = node[key]
     if path[-1] not in node:
-      raise ValueError(f"config.{dotted} is not a known field")
+      raise ConfigError(unknown_key_message(config, dotted))
     node[path[-1]] = value
   config.lock()
   return config

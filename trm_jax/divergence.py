@@ -9,6 +9,8 @@ Sampled estimators use only the sampled token y_t ~ pi_roll and log rho_t = log 
 All functions are pure, jit/vmap safe and compute in float32. Leading axes broadcast; T is the last
 axis of every per-position output, V the last axis of every logits / log-prob input.
 """
+import functools
+import math
 from typing import Optional
 
 import chex
@@ -28,11 +30,6 @@ def _mask_or_ones(mask: Optional[Array], shape) -> Array:
   return jnp.broadcast_to(jnp.asarray(mask, jnp.float32), shape)
 
 
-def _xlogy_ratio(p: Array, logp: Array, logq: Array) -> Array:
-  """p * (logp - logq) with the convention 0 * log(0 / q) = 0 (p = 0 may carry logp = -inf)."""
-  return jnp.where(p > 0, p * (logp - jnp.where(p > 0, logq, 0.0)), 0.0)
-
-
 def entropy(logp: Array) -> Array:
   """Entropy of a distribution given by log-probs over the last axis: H = -sum_v p_v log p_v.
 
@@ -48,37 +45,193 @@ def entropy(logp: Array) -> Array:
   return jnp.maximum(h, 0.0)
 
 
-def divergences_from_logprobs(rollout_logp: Array, learner_logp: Array) -> dict:
-  """KL(roll||theta), KL(theta||roll) and TV over the last (vocabulary) axis.
+# phi(x) = e^x - 1 - x = x^2 sum_k x^k / (k+2)!  for |x| < _PHI_SMALL: Horner coefficients 1/8! .. 1/2!.
+# Truncation after x^6/8! leaves < 5e-8 relative at |x| = 1/2; above it e^x - 1 - x has no cancellation
+# (phi(+-1/2) > 0.1).
+_PHI_COEFFS = tuple(1.0 / math.factorial(k) for k in range(8, 1, -1))
+_PHI_SMALL = 0.5
 
-  kl = sum_v p_roll (log p_roll - log p_theta); kl_reverse = sum_v p_theta (log p_theta - log p_roll);
-  tv = 1/2 sum_v |p_theta - p_roll| (paper Sec. 1). Tiny negative values from float rounding are
-  clamped to 0 and tv to [0, 1].
+
+def _phi_over_x2(x: Array) -> Array:
+  """(e^x - 1 - x) / x^2 for |x| <= 1/2, to float32 rounding (a degree-6 Taylor polynomial)."""
+  c = jnp.full_like(x, _PHI_COEFFS[0])
+  for coef in _PHI_COEFFS[1:]:
+    c = c * x + coef
+  return c
+
+
+_SUM_LANES = 128
+
+
+def sum_last(*xs: Array) -> tuple:
+  """Sums of several [..., V] arrays over the last axis in ONE variadic reduction (one loop over V, each
+  producer fused into it), each kept as [..., 1]. Not differentiable (statistics only).
+
+  V is viewed as [V / 128, 128]: the variadic loop sums blocks of 128 (sequentially), then the V / 128
+  block sums are added by an ordinary (tree) reduction, so the float32 rounding error grows with ~128, not
+  V (a plain sequential sum of 152k terms is off by ~1e-2 relative).
+  """
+  xs = tuple(jnp.asarray(x, jnp.float32) for x in xs)
+  v = xs[0].shape[-1]
+  pad = -v % _SUM_LANES
+  if pad:
+    xs = tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) for x in xs)
+  xs = tuple(x.reshape(x.shape[:-1] + (-1, _SUM_LANES)) for x in xs)
+  zeros = tuple(jnp.zeros((), jnp.float32) for _ in xs)
+  outs = jax.lax.reduce(xs, zeros, lambda u, w: tuple(p + q for p, q in zip(u, w)), (xs[0].ndim - 1,))
+  return tuple(jnp.sum(o, -1, keepdims=True) for o in outs)
+
+
+def max_last(*xs: Array) -> tuple:
+  """Maxima of several [..., V] arrays over the last axis in one variadic reduction, each [..., 1], finite
+  (0 for an all -inf row). Not differentiable (used as a shift)."""
+  xs = tuple(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in xs)
+  init = tuple(jnp.array(-jnp.inf, jnp.float32) for _ in xs)
+  outs = jax.lax.reduce(xs, init, lambda u, w: tuple(jnp.maximum(p, q) for p, q in zip(u, w)), (xs[0].ndim - 1,))
+  return tuple(jnp.where(jnp.isfinite(o), o, 0.0)[..., None] for o in outs)
+
+
+@jax.custom_jvp
+def logsumexp_with_value(x: Array, value: Array) -> Array:
+  """Returns `value` (= logsumexp(x, -1), computed by the caller in a shared pass) with the gradient of
+  logsumexp: d value = sum_v softmax(x)_v dx_v. Lets one pass over V serve the statistics and the gradient."""
+  del x
+  return value
+
+
+@logsumexp_with_value.defjvp
+def _logsumexp_with_value_jvp(primals, tangents):
+  x, value = primals
+  dx, _ = tangents
+  # softmax from x alone (not from `value`): under remat the backward then recomputes only this, not the
+  # forward's shared statistics pass.
+  q = jax.nn.softmax(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), axis=-1)
+  return value, jnp.sum(q * dx, -1)
+
+
+def _weighted_phi(x: Array, w: Array, w_other_c: Array, small: Array) -> Array:
+  """w * phi(x) computed without cancellation, where w * e^x = w_other_c is known exactly.
+
+  Small |x|: w x^2 poly(x) (no exp, no cancellation). Large |x|: w e^x - w (1 + x) = w_other_c - w (1 + x),
+  which stays finite when w underflows (a token the other policy likes that this one gives ~0 mass).
+  """
+  return jnp.where(small, w * jnp.square(x) * _phi_over_x2(x), w_other_c - w * (1.0 + x))
+
+
+# jit: one compiled program when called eagerly (many small ops otherwise); inlined inside an outer jit.
+@functools.partial(jax.jit, static_argnames=("same_support",))
+def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
+                            logit_diff: Optional[Array] = None, same_support: bool = False) -> dict:
+  """KL(roll||theta), KL(theta||roll), TV and the learner's entropy from two sets of logits, one lse per side.
+
+  With a = rollout logits, b = learner logits (both already divided by the temperature; -inf outside a
+  policy's support), p = softmax(a), q = softmax(b), d = b - a, m = E_p[d], x = d - m (so E_p[x] = 0),
+  phi(x) = e^x - 1 - x >= 0, F = E_p[phi(x)] and q_v = p_v e^{x_v} / (1 + F):
+    KL(p||q)  = log E_p[e^x] = log1p(F)
+    KL(q||p)  = E_q[d] - E_p[d] - KL(p||q) = E_p[x expm1(x)] / (1 + F) - log1p(F)
+    TV(p, q)  = sum_{p_v > q_v} (p_v - q_v) = sum_{x_v <= KL} p_v (F - expm1(x_v)) / (1 + F)
+    H(q)      = lse(b) - E_q[b]
+  Every sum has non-negative terms (x expm1(x) >= 0), phi and expm1 come from one Taylor polynomial for
+  |x| < 1/2 and from p e^x = e_b e^{max_b - max_a - m} / S_a otherwise, so nothing cancels: float32 is
+  within ~1e-5 relative of float64 down to per-token KL 1e-11 at V = 152k (tests/test_divergence.py),
+  where sum p (log_softmax(a) - log_softmax(b)) carries the ~1e-6 absolute rounding error of the two
+  log-sum-exps (issue: 7x off at KL 1.5e-6; the paper's KL-only regime uses delta = 1e-4, Sec. 1). TV splits
+  its sum at the plain estimate lse(b) - lse(a) - m (KL is not known within the pass): only tokens with
+  |x - KL| <~ 1e-6 can land on the wrong side, each off by <= p 1e-6. Where the supports differ, or the
+  shifted exponential overflows (KL >~ 80), the plain forms (lse differences) are used instead.
+
+  Passes over V per position (XLA CPU fusions; sums of several terms are ONE variadic reduction):
+    | pass | reads          | computes                                                | exp | log |
+    | 1    | a, b           | max_a, max_b                                            | 0   | 0   |
+    | 2    | a, b           | e_a = e^{a - max_a}, e_b = e^{b - max_b}                | 2   | 0   |
+    | 3    | e_a, e_b, a, b | S_a, S_b, E_q[b], E_p[d], E_q[d] (m)                    | 0   | 0   |
+    | 4    | e_a, e_b, a, b | F, E_p[x expm1 x], TV pieces, plain TV (needs m)        | 0   | 0   |
+  plus O(1) exp / log per position, and in the backward pass of the learner log-prob one exp of b
+  (softmax, `logsumexp_with_value`). The previous form (two log_softmax, then exp of both sides and
+  separate sums for KL, reverse KL, TV, entropy) used 4 exp passes and 8 reductions over V.
 
   Args:
-    rollout_logp: [..., V] normalised log-probs of pi_roll.
-    learner_logp: [..., V] normalised log-probs of pi_theta.
+    rollout_logits: [..., V] float32 (a).
+    learner_logits: [..., V] float32 (b).
+    logit_diff: optional [..., V] b - a computed more accurately by the caller (e.g. (b_raw - a_raw) / T
+      before the temperature rounds a and b); used only where both are finite.
+    same_support: the caller guarantees a and b are -inf at the same entries (e.g. the learner restricted
+      to the rollout's kept set); skips the support comparison.
+
+  Returns:
+    dict of [...] float32: kl, kl_reverse, tv, entropy (of q), and learner_lse = lse(b), rollout_lse = lse(a)
+    (the log-prob of token v is b_v - learner_lse; only learner_lse carries a gradient).
+  """
+  a = jnp.asarray(rollout_logits, jnp.float32)
+  b_diff = jnp.asarray(learner_logits, jnp.float32)
+  a, b = jax.lax.stop_gradient((a, b_diff))
+  fa, fb = a > -jnp.inf, b > -jnp.inf
+  both = fa & fb
+  if logit_diff is None:
+    d = jnp.where(both, b - a, 0.0)
+  else:
+    d = jnp.where(both, jax.lax.stop_gradient(jnp.asarray(logit_diff, jnp.float32)), 0.0)
+  max_a, max_b = max_last(a, b)
+  e_a, e_b = jnp.exp(a - max_a), jnp.exp(b - max_b)  # 0 outside the supports
+  s_a, s_b, eb_b, ea_d, eb_d = sum_last(e_a, e_b, jnp.where(fb, e_b * (b - max_b), 0.0), e_a * d, e_b * d)
+  lse_a, lse_b = max_a + jnp.log(s_a), max_b + jnp.log(s_b)
+  out = {"learner_lse": logsumexp_with_value(b_diff, lse_b[..., 0]), "rollout_lse": lse_a[..., 0],
+         "entropy": jnp.maximum(jnp.log(s_b) - eb_b / s_b, 0.0)[..., 0]}
+  m = ea_d / s_a  # E_p[d] (over the common support)
+  # Second loop (needs m): p = e_a / S_a, q = e_b / S_b reuse the exps of the first.
+  gap = lse_b - lse_a  # log E_p[e^d] from the two lse: the plain form, rounding error ~1e-6
+  x = d - m
+  p, q = e_a / s_a, e_b / s_b
+  c_x = jnp.exp(gap - m)  # p e^x = q c_x
+  small = jnp.abs(x) < _PHI_SMALL
+  # p phi(x) and p expm1(x): x^2 poly(x) for small x, else from q c_x (no cancellation either way).
+  p_x = p * x
+  big = q * c_x - p
+  phi_t = jnp.where(both, jnp.where(small, p_x * x * _phi_over_x2(x), big - p_x), 0.0)
+  expm1_t = jnp.where(both, jnp.where(small, p_x + phi_t, big), 0.0)
+  # TV = sum_{p > q} (p - q) = sum_{x <= KL} p (F - expm1(x)) / (1 + F). KL is not known in this loop; the
+  # split at the plain estimate gap - m (off by ~1e-6) misplaces only tokens whose |p - q| <= p 1e-6.
+  neg = both & (x <= gap - m)
+  terms = [phi_t, x * expm1_t, jnp.where(neg, p, 0.0), jnp.where(neg, expm1_t, 0.0), jnp.abs(p - q)]
+  if not same_support:
+    terms += [(fa & ~fb).astype(jnp.float32), (fb & ~fa).astype(jnp.float32)]
+  sums = sum_last(*terms)
+  f, s2, mass_neg, expm1_neg = sums[:4]
+  tv_plain = 0.5 * sums[4]
+  # KL(q||p) = E_q[d] - E_p[d] - KL(p||q), and E_q[d] - E_p[d] = sum_v (q_v - p_v) d_v = E_p[x expm1(x)] / (1 + F)
+  # (q = p e^x / (1 + F), E_p[x] = 0): both terms >= 0, no cancellation beyond one bit.
+  kl_acc = jnp.log1p(f)
+  kl_r_acc = s2 / (1.0 + f) - kl_acc
+  accurate = jnp.isfinite(f) & jnp.isfinite(s2)
+  kl = jnp.where(accurate, kl_acc, gap - m)
+  kl_r = jnp.where(accurate, kl_r_acc, eb_d / s_b - gap)
+  tv = jnp.where(accurate, (f * mass_neg - expm1_neg) / (1.0 + f), tv_plain)
+  if not same_support:
+    roll_only, learner_only = sums[5] > 0, sums[6] > 0  # KL(roll||theta) = inf, KL(theta||roll) = inf
+    kl = jnp.where(roll_only, jnp.inf, jnp.where(learner_only, gap - m, kl))
+    kl_r = jnp.where(learner_only, jnp.inf, jnp.where(roll_only, eb_d / s_b - gap, kl_r))
+    tv = jnp.where(roll_only | learner_only, tv_plain, tv)
+  out.update(kl=jnp.maximum(kl, 0.0)[..., 0], kl_reverse=jnp.maximum(kl_r, 0.0)[..., 0],
+             tv=jnp.clip(tv, 0.0, 1.0)[..., 0])
+  return out
+
+
+def divergences_from_logprobs(rollout_logp: Array, learner_logp: Array) -> dict:
+  """KL(roll||theta), KL(theta||roll) and TV over the last (vocabulary) axis from log-probs.
+
+  kl = sum_v p_roll (log p_roll - log p_theta); kl_reverse = sum_v p_theta (log p_theta - log p_roll);
+  tv = 1/2 sum_v |p_theta - p_roll| (paper Sec. 1), computed by `divergences_from_logits` (log-probs are
+  logits; the accurate logit-difference form). -inf entries are outside a policy's support.
+
+  Args:
+    rollout_logp: [..., V] log-probs of pi_roll.
+    learner_logp: [..., V] log-probs of pi_theta.
 
   Returns:
     dict of [...] float32 arrays: kl, kl_reverse, tv.
   """
-  rollout_logp = jnp.asarray(rollout_logp, jnp.float32)
-  learner_logp = jnp.asarray(learner_logp, jnp.float32)
-  p_roll = jnp.exp(rollout_logp)
-  p_theta = jnp.exp(learner_logp)
-  kl = jnp.sum(_xlogy_ratio(p_roll, rollout_logp, learner_logp), axis=-1)
-  kl_reverse = jnp.sum(_xlogy_ratio(p_theta, learner_logp, rollout_logp), axis=-1)
-  tv = 0.5 * jnp.sum(jnp.abs(p_theta - p_roll), axis=-1)
-  return dict(kl=jnp.maximum(kl, 0.0), kl_reverse=jnp.maximum(kl_reverse, 0.0),
-              tv=jnp.clip(tv, 0.0, 1.0))
-
-
-def _divergences_from_logits(rollout_logits: Array, learner_logits: Array) -> dict:
-  # log_softmax in float32 even for bf16 logits: the divergences are differences of nearly equal
-  # numbers and bf16 (8 mantissa bits) would drown them.
-  return divergences_from_logprobs(
-      jax.nn.log_softmax(jnp.asarray(rollout_logits, jnp.float32), axis=-1),
-      jax.nn.log_softmax(jnp.asarray(learner_logits, jnp.float32), axis=-1))
+  out = divergences_from_logits(rollout_logp, learner_logp)
+  return {k: out[k] for k in ("kl", "kl_reverse", "tv")}
 
 
 def exact_divergences(rollout_logits: Array, learner_logits: Array, mask: Optional[Array] = None,
@@ -86,7 +239,8 @@ def exact_divergences(rollout_logits: Array, learner_logits: Array, mask: Option
   """Exact per-position KL(roll||theta), KL(theta||roll) and TV from full-vocabulary logits.
 
   The exact TRM criterion of Algorithm 1 (paper Sec. 3): divergences of the full next-token
-  distributions at every context c_t, not of the sampled token.
+  distributions at every context c_t, not of the sampled token. Float32 internally (bf16 logits are
+  upcast: the divergences are differences of nearly equal numbers); see `divergences_from_logits`.
 
   Args:
     rollout_logits: [..., T, V] logits of pi_roll (any float dtype).
@@ -102,8 +256,9 @@ def exact_divergences(rollout_logits: Array, learner_logits: Array, mask: Option
   if rollout_logits.ndim < 2:
     raise ValueError(f"logits need shape [..., T, V], got {rollout_logits.shape}")
   T = rollout_logits.shape[-2]
+  fn = lambda a, b: divergences_from_logprobs(a, b)  # logits are accepted as log-probs
   if chunk_size is None or chunk_size >= T:
-    out = _divergences_from_logits(rollout_logits, learner_logits)
+    out = fn(rollout_logits, learner_logits)
   else:
     n_chunks = -(-T // chunk_size)
     pad = n_chunks * chunk_size - T
@@ -113,9 +268,9 @@ def exact_divergences(rollout_logits: Array, learner_logits: Array, mask: Option
       learner_logits = jnp.pad(learner_logits, widths)
 
     def one_chunk(i):
-      # dynamic slices of the inputs (no transposed copy); the f32 softmax temporaries are per chunk.
+      # dynamic slices of the inputs (no transposed copy); the f32 temporaries are per chunk.
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size, axis=-2)
-      return _divergences_from_logits(sl(rollout_logits), sl(learner_logits))
+      return fn(sl(rollout_logits), sl(learner_logits))
 
     stacked = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # each [n_chunks, ..., chunk]
 
@@ -128,12 +283,18 @@ def exact_divergences(rollout_logits: Array, learner_logits: Array, mask: Option
   return {k: jnp.where(m > 0, v, 0.0) for k, v in out.items()}
 
 
+# Relative float32 rounding of 1 - sum_S p_roll, on top of the rollout engine's own normalisation error of
+# its log-probs (~1e-6 at V = 152k): the bounds treat tail_roll as known to +- this.
+_TAIL_ROLL_TOL = 2e-6
+
+
+@jax.jit
 def topk_divergences(rollout_topk_logp: Array, rollout_topk_ids: Array, learner_logits: Array,
                      mask: Optional[Array] = None) -> dict:
   """Divergences when the rollout engine returned only its top-k log-probs (bounds, not exact).
 
   Let S be the k returned token ids at a position, tail_roll = 1 - sum_{v in S} p_roll(v) and
-  tail_theta = 1 - sum_{v in S} p_theta(v) (the learner's mass outside S, exact from its full logits).
+  tail_theta = sum_{v not in S} p_theta(v) (the learner's mass outside S, exact from its full logits).
   The terms over S are exact; the unseen tail is handled as follows.
 
   TV = 1/2 sum_S |p_theta - p_roll| + 1/2 sum_tail |p_theta - p_roll|, and the tail term satisfies
@@ -141,49 +302,58 @@ def topk_divergences(rollout_topk_logp: Array, rollout_topk_ids: Array, learner_
   `tv` is the UPPER bound (valid for certificates and masks: TRM-Max on it never accepts a sequence the
   exact criterion would reject); `tv_lower` the lower bound. Both are exact when the tail is empty.
 
-  KL(roll||theta): `kl_lower` = sum_S p_roll log(p_roll/p_theta) + tail_roll log(tail_roll/tail_theta).
-  Grouping the tail into one outcome cannot increase KL (log-sum / data-processing inequality), so this is
-  a LOWER bound of the exact KL; it is exact when k = V or when pi_theta is proportional to pi_roll on the
-  tail. No upper bound exists without assumptions on the tail: pi_theta may put arbitrarily little mass on
-  a tail token that pi_roll samples, making the true KL arbitrarily large. `kl` is the same lower bound
-  (the best available point value); a TRM-Max mask on it is a heuristic, not a certificate — use `tv`
-  with the TV criterion when a guarantee is needed.
+  KL(roll||theta): grouping the tail into one outcome cannot increase KL (data-processing inequality):
+    KL >= sum_S p_roll phi(d_v) + g(tail_roll, tail_theta),  d_v = log p_theta(v) - log p_roll(v),
+    phi(x) = e^x - 1 - x >= 0,  g(r, t) = t - r + r log(r / t) >= 0
+  (the grouped KL written as a sum of non-negative terms, as in `divergences_from_logits`). tail_roll is
+  only known to +-2e-6 (the engine's normalisation and float32 rounding of 1 - sum_S p), so `kl_lower` takes
+  the minimum of the convex g over that interval: 0 when |tail_roll - tail_theta| is within it, never +inf
+  unless the learner puts exactly no mass outside S while the rollout provably does. It is exact when
+  k = V, and never exceeds the exact KL (tests/test_divergence.py checks random cases against float64).
+  No upper bound exists without assumptions on the tail: pi_theta may put arbitrarily little mass on
+  a tail token that pi_roll samples. `kl` is the same lower bound (the best available point value); a
+  TRM-Max mask on it is a heuristic, not a certificate — use `tv` with the TV criterion for a guarantee.
 
   Args:
     rollout_topk_logp: [..., T, K] rollout log-probs of the returned tokens (normalised over V).
     rollout_topk_ids: [..., T, K] int token ids (distinct per position).
-    learner_logits: [..., T, V] learner logits.
+    learner_logits: [..., T, V] learner logits (-inf allowed outside its support).
     mask: optional [..., T]; masked positions return 0.
 
   Returns:
-    dict of [..., T] float32: kl, kl_lower, tv, tv_lower, tail_roll, tail_learner.
+    dict of [..., T] float32: kl (= kl_lower), kl_lower, tv (upper bound), tv_lower, tail_roll, tail_learner.
   """
   chex.assert_equal_shape([rollout_topk_logp, rollout_topk_ids])
   r_logp = jnp.asarray(rollout_topk_logp, jnp.float32)
+  ids = jnp.asarray(rollout_topk_ids)
   learner_logp = jax.nn.log_softmax(jnp.asarray(learner_logits, jnp.float32), axis=-1)
-  t_logp = jnp.take_along_axis(learner_logp, rollout_topk_ids, axis=-1)
+  t_logp = jnp.take_along_axis(learner_logp, ids, axis=-1)
   p_r, p_t = jnp.exp(r_logp), jnp.exp(t_logp)
-  tail_r = jnp.clip(1.0 - jnp.sum(p_r, -1), 0.0, 1.0)
-  tail_t = jnp.clip(1.0 - jnp.sum(p_t, -1), 0.0, 1.0)
-  # Rounding leaves ~1e-7 of "tail" even when k = V; treat it as empty so k = V is exact.
-  tiny = 1e-6
-  tail_r = jnp.where(tail_r < tiny, 0.0, tail_r)
-  tail_t = jnp.where(tail_t < tiny, 0.0, tail_t)
+  tail_r = 1.0 - jnp.sum(p_r, -1)
+  # The learner's tail summed directly (not 1 - sum_S): accurate even when it is 1e-9.
+  in_s = jnp.put_along_axis(jnp.zeros(learner_logp.shape, bool), ids, True, axis=-1, inplace=False)
+  tail_t = jnp.sum(jnp.where(in_s, 0.0, jnp.exp(learner_logp)), -1)
 
   tv_seen = 0.5 * jnp.sum(jnp.abs(p_t - p_r), -1)
-  tv_upper = jnp.clip(tv_seen + 0.5 * (tail_r + tail_t), 0.0, 1.0)
-  tv_lower = jnp.clip(tv_seen + 0.5 * jnp.abs(tail_r - tail_t), 0.0, 1.0)
+  r_clip = jnp.clip(tail_r, 0.0, 1.0)
+  tv_upper = jnp.clip(tv_seen + 0.5 * (r_clip + tail_t), 0.0, 1.0)
+  tv_lower = jnp.clip(tv_seen + 0.5 * jnp.maximum(jnp.abs(tail_r - tail_t) - _TAIL_ROLL_TOL, 0.0), 0.0, 1.0)
 
-  kl_seen = jnp.sum(_xlogy_ratio(p_r, r_logp, t_logp), -1)
-  safe_t = jnp.where(tail_t > 0, tail_t, 1.0)
-  safe_r = jnp.where(tail_r > 0, tail_r, 1.0)
-  kl_tail = jnp.where(tail_r > 0,
-                      jnp.where(tail_t > 0, tail_r * (jnp.log(safe_r) - jnp.log(safe_t)), jnp.inf),
-                      0.0)
-  kl_lower = jnp.maximum(kl_seen + kl_tail, 0.0)
+  # Seen tokens: p_r phi(d) with p_r e^d = p_t (no cancellation for small d; inf where p_t = 0 < p_r).
+  dv = jnp.where(p_r > 0, t_logp - r_logp, 0.0)
+  small = jnp.abs(dv) < _PHI_SMALL
+  kl_seen = jnp.sum(jnp.where(p_r > 0, _weighted_phi(dv, p_r, p_t, small), 0.0), -1)
+  # Tail: min of the convex g(r, t) over r in [tail_r -+ tol]; its minimiser is r = t.
+  r = jnp.clip(tail_t, tail_r - _TAIL_ROLL_TOL, tail_r + _TAIL_ROLL_TOL)
+  # g(r, t) = r phi(u), u = log(t / r) = log1p((t - r) / r) (no cancellation); g(0, t) = t, g(r > 0, 0) = inf.
+  r = jnp.maximum(r, 0.0)
+  safe_r = jnp.where(r > 0, r, 1.0)
+  u = jnp.log1p((tail_t - r) / safe_r)
+  g = jnp.where(r > 0, _weighted_phi(u, r, tail_t, jnp.abs(u) < _PHI_SMALL), tail_t)
+  kl_lower = jnp.maximum(kl_seen + jnp.maximum(g, 0.0), 0.0)
 
   m = _mask_or_ones(mask, tv_seen.shape)
-  out = dict(kl=kl_lower, kl_lower=kl_lower, tv=tv_upper, tv_lower=tv_lower, tail_roll=tail_r,
+  out = dict(kl=kl_lower, kl_lower=kl_lower, tv=tv_upper, tv_lower=tv_lower, tail_roll=r_clip,
              tail_learner=tail_t)
   return {k: jnp.where(m > 0, v, 0.0) for k, v in out.items()}
 

@@ -3,17 +3,17 @@
     learner forward (pre-update params, no grad)     -> learner log-probs, entropy          logprobs.py
     rollout side: sampled | stored | topk | recompute -> exact divergences per position     divergence.py
     sampled-token estimators k1 k2 k3 |log rho| tv    (always, next to the exact values)   divergence.py
-    certificate: delta, eps, kl_seq, tv_seq, dbar     -> every bound, B*, L' - B*           bounds.py
-    mask / weights (TRM criterion x baseline)                                               masking.py
+    pre-update statistics: delta, eps, kl_seq, tv_seq, dbar -> every bound, B*            bounds.py
+    mask / weights (TRM criterion x baseline x IS weight, composed once)                     masking.py
     advantages over ACCEPTED sequences only                                                 advantages.py
     epochs x minibatches: surrogate -> grads -> optax                                       losses.py
+    bounds.certify_update: post-update forward -> L'(theta') - B*(theta' vs pi_roll)         bounds.py
 
 Everything above is traced into one XLA program (`jax.jit` with explicit shardings, the train state
 donated), so the mask, the bounds and the update cost one dispatch and fuse with the forward.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -24,6 +24,7 @@ from flax import nnx
 
 from trm_jax import advantages as advantages_lib
 from trm_jax import bounds, divergence, losses, masking
+from trm_jax import config as config_lib
 from trm_jax import logprobs as lp
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import LEARNER, Numerics
@@ -97,7 +98,12 @@ def length_edges(edges, horizon: int) -> tuple:
 
 
 def correction(cfg, mask, learner_logp, rollout_logp, exact, est) -> masking.Correction:
-  """The configured TRM criterion composed with the configured baseline (their weights multiply)."""
+  """The configured TRM criterion composed with the configured baseline (their weights multiply).
+
+  learner_logp is pi_prox (pre-update, stop-gradient). Under rl.ratio_base="learner" (decoupled PPO) the
+  token weight carries the rollout -> proximal IS weight once: the baseline's truncated one for tis /
+  seq_is, the untruncated pi_prox/pi_roll otherwise (masking.py's composition rule).
+  """
   t, b = cfg.trm, cfg.baseline
   div = _divergence_for(t.divergence, exact, est)
   div_avg = _divergence_for(t.divergence_avg, exact, est)
@@ -111,6 +117,8 @@ def correction(cfg, mask, learner_logp, rollout_logp, exact, est) -> masking.Cor
   common = dict(mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
                 length_edges=length_edges(t.length_buckets, mask.shape[-1]))
   trm = masking.apply_correction(t.criterion, div=div, div_avg=div_avg, **thresholds[t.criterion], **common)
+  if cfg.rl.ratio_base == "learner" and b.kind not in masking.IS_BASELINES:
+    trm = trm.replace(token_weight=trm.token_weight * masking.proximal_weight(learner_logp, rollout_logp, mask))
   if b.kind == "none":
     return trm
   base = masking.apply_correction(b.kind, **thresholds[b.kind], **common)
@@ -144,12 +152,12 @@ def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_log
   """One chunked pass of the learner: per-token log-probs (differentiable if grad_logp), entropy and
   the exact divergences against the rollout side; plus the MoE routing-flip fraction."""
   h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
-                              numerics=learner_numerics(cfg))
+                              numerics=learner_numerics(cfg), remat=cfg.learner.remat)
   stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), batch.response,
                          learner_numerics=learner_numerics(cfg),
                          sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
                          chunk=lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size),
-                         rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat)
+                         rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat != "none")
   extra = {}
   if "routes" in aux and "routes" in aux_roll:
     valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
@@ -168,33 +176,33 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
   learner_logp, rollout_logp = stats["learner_logp"], batch.rollout_logp.astype(jnp.float32)
   est = divergence.sampled_estimators(learner_logp, rollout_logp, mask)
   has_exact = "kl" in stats
-  exact = {k: stats[k] * mask for k in ("kl", "kl_reverse", "tv") if k in stats} if has_exact else None
+  # where, not a product: a padded position may hold inf (kl_reverse with top_p < 1) and inf * 0 = NaN.
+  exact = ({k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "kl_reverse", "tv") if k in stats}
+           if has_exact else None)
 
   corr = correction(cfg, mask, learner_logp, rollout_logp, exact, est)
   seq_valid = corr.seq_mask * (mask.sum(-1) > 0)
   # The mask reaches the advantages too: rejected rows leave the group statistics (peers.md).
   adv = _advantages(cfg, batch.rewards.astype(jnp.float32), batch.group_size, seq_valid)
+  # behaviour: the surrogate's ratio denominator (rl.ratio_base): pi_roll, or pi_prox for decoupled PPO.
   targets = dict(adv=adv, weights=corr.token_weight * corr.seq_mask[:, None] * mask,
-                 behaviour=rollout_logp if cfg.rl.ratio_base == "rollout" else learner_logp)
+                 behaviour=rollout_logp if cfg.rl.ratio_base == "rollout" else learner_logp,
+                 seq_mask=seq_valid)
 
-  # The certificate (paper section 2): exact divergences when the rollout side gives them, else the
-  # estimators k3 (for KL) and 1/2|rho-1| (for TV) as stand-ins, flagged by bounds/exact = 0.
-  kl_c, tv_c = (exact["kl"], exact["tv"]) if has_exact else (est["k3"], est["tv_est"])
-  rho_minus_1 = jnp.expm1(jnp.clip(learner_logp - rollout_logp, -20.0, 20.0)) * mask
-  surrogate = jnp.mean(corr.seq_mask * batch.rewards * rho_minus_1.sum(-1))  # L'(theta) on accepted rows
-  cert = bounds.certificate(kl_c, tv_c, mask, surrogate=surrogate)
+  # The pre-update mismatch statistics and bounds (paper section 2): pi_prox vs pi_roll on the batch.
+  # bounds/certified_improvement needs the UPDATED policy: post_update_certificate (bounds.certify_update).
+  cert = _certificate(cfg, stats, exact, est, mask)
+  flags = _source_flags(cfg, has_exact)
 
   denom = jnp.maximum(mask.sum(), 1.0)
   metrics = {
-      "entropy": (stats["entropy"] * mask).sum() / denom,
+      "entropy": jnp.where(mask > 0, stats["entropy"], 0.0).sum() / denom,
       "trm/accept_rate": corr.stats["accept_rate"],
       "trm/token_accept_rate": corr.stats.get("token_accept_rate", jnp.float32(1.0)),
       "trm/num_rejected": (1.0 - corr.seq_mask).sum() * 1.0,
       "rl/advantage_abs_mean": jnp.abs(adv).sum() / jnp.maximum(seq_valid.sum(), 1.0),
-      "rl/loss_denominator": jnp.float32(mask.shape[0] // cfg.rl.minibatches),  # seq_total: total N
       "mismatch/ppl_gap": divergence.log_ppl_gap(learner_logp, rollout_logp, mask),
-      "mismatch/exact": jnp.float32(has_exact),
-      "bounds/exact": jnp.float32(has_exact),
+      **flags,
   }
   for k, v in corr.stats.items():
     if k.startswith("accept_rate/"):
@@ -222,13 +230,75 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
   return targets, metrics
 
 
+def _source_flags(cfg, has_exact) -> dict:
+  """mismatch/source = index of trm.source in config.SOURCES (0 sampled, 1 stored, 2 topk, 3 recompute);
+  mismatch/exact = bounds/exact = 1 iff the divergences are the exact full-vocabulary values (stored,
+  recompute); bounds/valid = 1 iff the logged B* is an upper bound built from upper bounds of the
+  statistics (exact sources; top-k through its TV upper bound, bounds.unified_tv). Static per config."""
+  source = cfg.trm.source
+  exact = bool(has_exact) and source in ("stored", "recompute")
+  return {"mismatch/source": jnp.float32(config_lib.SOURCES.index(source)),
+          "mismatch/exact": jnp.float32(exact), "bounds/exact": jnp.float32(exact),
+          "bounds/valid": jnp.float32(exact or source == "topk")}
+
+
+def _certificate(cfg, stats, exact, est, mask, *, surrogate=None):
+  """bounds.certificate from the batch: exact kl / tv (stored, recompute); top-k: its TV upper bound only
+  (the kl there is a lower bound), B* = bounds.unified_tv; sampled: the estimators k3 and 1/2|rho-1| as
+  stand-ins (flagged bounds/valid = 0)."""
+  if cfg.trm.source == "topk" and exact is not None:
+    return bounds.certificate(None, exact["tv"], mask, surrogate=surrogate, tv_only=True)
+  kl_c, tv_c = (exact["kl"], exact["tv"]) if exact is not None else (est["k3"], est["tv_est"])
+  return bounds.certificate(kl_c, tv_c, mask, surrogate=surrogate)
+
+
+CERT_STATS = ("delta", "eps", "kl_seq", "tv_seq", "unified")
+
+
+def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask) -> dict:
+  """The certificate of the UPDATED policy theta' on the same batch (paper section 2), one no-grad forward.
+
+  L'(theta') = (1/N) sum_i R_i sum_t (rho'_t - 1), rho'_t = pi_theta'(y_t)/pi_roll(y_t), N = rows with a
+  valid token; B* = B*(delta', eps', KL_seq', TV_seq', Dbar') from theta' vs pi_roll (exact divergences of
+  the configured rollout side). Logged over the whole batch (bounds/post/..., bounds/certified_improvement =
+  L' - B*) and over the rows the mask accepted (bounds/accepted/...: the statistics and L' restricted to
+  them, what TRM's guarantee is about).
+  """
+  stats, _ = learner_stats(cfg, learner, batch, side, aux_roll, grad_logp=False)
+  stats = jax.tree.map(jax.lax.stop_gradient, stats)
+  mask = batch.response_mask.astype(jnp.float32)
+  logp, roll = stats["learner_logp"], batch.rollout_logp.astype(jnp.float32)
+  est = divergence.sampled_estimators(logp, roll, mask)
+  exact = ({k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "tv") if k in stats}
+           if "kl" in stats else None)
+  clip = divergence.LOG_RATIO_CLIP
+  rho_m1 = jnp.where(mask > 0, jnp.expm1(jnp.clip(logp - roll, -clip, clip)), 0.0)
+  per_row = batch.rewards.astype(jnp.float32) * rho_m1.sum(-1)
+  rows = (mask.sum(-1) > 0).astype(jnp.float32)
+  out = {}
+  for name, keep in (("post", rows), ("accepted", rows * (seq_mask > 0))):
+    n = jnp.sum(keep)
+    surrogate = jnp.sum(keep * per_row) / jnp.maximum(n, 1.0)
+    cert = _certificate(cfg, stats, exact, est, mask * keep[:, None], surrogate=surrogate)
+    out.update({f"bounds/{name}/{k}": cert[k] for k in CERT_STATS if k in cert})
+    out[f"bounds/{name}/surrogate"] = surrogate
+    out[f"bounds/{name}/num_sequences"] = n
+    out["bounds/certified_improvement" if name == "post" else f"bounds/{name}/certified_improvement"] = (
+        cert["certified_improvement"])
+  return out
+
+
 def policy_loss(cfg, logp, mb):
-  """The surrogate on one minibatch: PPO clip (ratio vs mb["behaviour"]) or the paper's IS surrogate."""
+  """The surrogate on one minibatch: PPO clip or the paper's IS surrogate, both with the ratio against
+  mb["behaviour"] (rl.ratio_base). The aggregation gets the response mask, so rejected rows stay in every
+  denominator (rejection sampling, losses.aggregate); aux["loss_denominator"] is the one used."""
+  mask = mb["response_mask"]
   if cfg.rl.loss == "ppo_clip":
     return losses.ppo_clip_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], eps_low=cfg.rl.clip_low,
                                 eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None,
-                                aggregation=cfg.rl.aggregation)
-  return losses.is_loss(logp, mb["rollout_logp"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation)
+                                aggregation=cfg.rl.aggregation, mask=mask)
+  return losses.is_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation,
+                        mask=mask)
 
 
 def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState,
@@ -241,54 +311,120 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   advantages and behaviour log-probs, then epochs x minibatches optimizer steps (lax.scan).
   """
   side, aux_roll = rollout_side(cfg, model_def, rollout_params, batch, backend)
-  if cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1:
+  fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1
+  if fused:
     def loss_fn(params):
       stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
       targets, metrics = analyse(cfg, stats, extra, batch)
-      mb = dict(targets, rollout_logp=batch.rollout_logp.astype(jnp.float32))
+      mb = dict(targets, response_mask=batch.response_mask.astype(jnp.float32))
       loss, aux = policy_loss(cfg, stats["learner_logp"], mb)
-      return loss, (metrics, aux)
+      return loss, (metrics, dict(aux, seq_mask=targets["seq_mask"]))
 
     (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    (params, opt_state), guard = guarded_update(tx, state.params, state.opt_state, loss, grads)
     metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
-                   clip_frac=aux.get("clip_frac", jnp.float32(0.0)))
+                   clip_frac=aux.get("clip_frac", jnp.float32(0.0)), **guard)
+    metrics["rl/loss_denominator"] = aux["loss_denominator"]
+    seq_mask_fused = aux["seq_mask"]
   else:
     stats, extra = learner_stats(cfg, model_def.merge(state.params), batch, side, aux_roll, grad_logp=False)
     targets, metrics = analyse(cfg, stats, extra, batch)
     n_mb, b = cfg.rl.minibatches, batch.response.shape[0]
     data = dict(prompt=batch.prompt, prompt_mask=batch.prompt_mask, response=batch.response,
-                response_mask=batch.response_mask, rollout_logp=batch.rollout_logp.astype(jnp.float32), **targets)
+                response_mask=batch.response_mask.astype(jnp.float32), **targets)
+    rebuild_side = None
+    if _truncated(cfg):  # the same kept set as the fused path and the rollout (see split_side)
+      side_rows, rebuild_side = split_side(side, model_def, rollout_params)
+      data.update(side_rows)
     data = jax.tree.map(lambda x: x.reshape(n_mb, b // n_mb, *x.shape[1:]), data)
     mbs = jax.tree.map(lambda x: jnp.tile(x, (cfg.rl.epochs,) + (1,) * (x.ndim - 1)), data)
-    (params, opt_state), aux = jax.lax.scan(_make_minibatch_update(cfg, model_def, tx),
+    (params, opt_state), aux = jax.lax.scan(_make_minibatch_update(cfg, model_def, tx, rebuild_side),
                                             (state.params, state.opt_state), mbs)
-    metrics.update(loss=aux["loss"].mean(), grad_norm=aux["grad_norm"].mean(), clip_frac=aux["clip_frac"].mean())
+    metrics.update(loss=aux["loss"].mean(), grad_norm=aux["grad_norm"].mean(), clip_frac=aux["clip_frac"].mean(),
+                   **{k: aux[k].sum() for k in GUARD_KEYS})
+    metrics["rl/loss_denominator"] = aux["loss_denominator"].mean()  # per minibatch
+    targets_seq_mask = targets["seq_mask"]
+  if cfg.bounds.certify_update:  # the certificate of the updated policy, in the same compiled program
+    seq_mask = targets_seq_mask if not fused else seq_mask_fused
+    metrics.update(post_update_certificate(cfg, model_def.merge(params), batch, side, aux_roll, seq_mask))
   new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+  # A non-finite policy can yield empty responses whose statistics look perfect (kl 0, accept 1): report
+  # every number as NaN instead, so a curve never shows a broken policy as a healthy one.
+  policy_ok = all_finite(state.params) & all_finite(rollout_params)
+  metrics = {k: v if k in GUARD_KEYS else jnp.where(policy_ok, v, jnp.nan) for k, v in metrics.items()}
+  metrics["update/nonfinite_policy"] = (~policy_ok).astype(jnp.float32)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
 
-def _make_minibatch_update(cfg, model_def, tx):
+def _truncated(cfg) -> bool:
+  return cfg.rollout.top_p < 1.0 or cfg.rollout.top_k > 0
+
+
+def split_side(side, model_def, rollout_params):
+  """The rollout side's per-row arrays (leading axis B, so minibatches can slice them) and a function that
+  rebuilds the side from one minibatch's rows. Only needed with top-p / top-k: the learner's log-prob must be
+  renormalised over the rollout's kept set (paper-faithful ratio), which needs the rollout distribution."""
+  kind = side[0] if side is not None else None
+  if kind == "recompute":
+    numerics = side[3]
+    return {"side_h": side[2]}, lambda mb: ("recompute", model_def.merge(rollout_params), mb["side_h"], numerics)
+  if kind == "stored":
+    return {"side_logits": side[1]}, lambda mb: ("stored", mb["side_logits"])
+  if kind == "topk":
+    return ({"side_topk_logp": side[1], "side_topk_ids": side[2]},
+            lambda mb: ("topk", mb["side_topk_logp"], mb["side_topk_ids"]))
+  return {}, lambda mb: None
+
+
+def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
   def loss_fn(params, mb):
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
-                              numerics=learner_numerics(cfg))
+                              numerics=learner_numerics(cfg), remat=cfg.learner.remat)
     logp, _ = lp.token_logp(model, h, mb["response"], numerics=learner_numerics(cfg),
                             temperature=cfg.rollout.temperature,
                             chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size),
-                            remat=cfg.learner.remat)
+                            remat=cfg.learner.remat != "none", top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            rollout_side=rebuild_side(mb) if rebuild_side is not None else None)
     return policy_loss(cfg, logp, mb)
 
   def update(carry, mb):
     params, opt_state = carry
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    (params, opt_state), guard = guarded_update(tx, params, opt_state, loss, grads)
     return (params, opt_state), {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
-                                 "clip_frac": aux.get("clip_frac", jnp.float32(0.0))}
+                                 "clip_frac": aux.get("clip_frac", jnp.float32(0.0)),
+                                 "loss_denominator": aux["loss_denominator"], **guard}
 
   return update
+
+
+GUARD_KEYS = ("update/skipped", "update/nonfinite_loss", "update/nonfinite_grad", "update/nonfinite_update")
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every leaf of `tree` is finite (a scalar bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def guarded_update(tx, params, opt_state, loss, grads):
+  """One optax step that is SKIPPED (params and optimizer state returned unchanged) when the loss, a
+  gradient or the updated parameters are not finite, so one bad batch never turns the parameters NaN.
+
+  Returns ((params, opt_state), flags): update/skipped, update/nonfinite_loss, update/nonfinite_grad,
+  update/nonfinite_update as 0/1 float32. The trainer counts consecutive skips and stops after
+  checkpoint.max_consecutive_skips."""
+  loss_ok, grad_ok = jnp.all(jnp.isfinite(loss)), all_finite(grads)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  update_ok = all_finite(new_params)  # e.g. an infinite learning rate: finite grads, non-finite step
+  ok = loss_ok & grad_ok & update_ok
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  bad = lambda b: (~b).astype(jnp.float32)
+  flags = {"update/skipped": bad(ok), "update/nonfinite_loss": bad(loss_ok), "update/nonfinite_grad": bad(grad_ok),
+           "update/nonfinite_update": bad(update_ok)}
+  return (keep(new_params, params), keep(new_opt_state, opt_state)), flags
 
 
 def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_shardings, *, stale: bool):
@@ -301,11 +437,17 @@ def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_sh
   state_sh = TrainState(params=param_shardings, opt_state=opt_shardings, step=sharding_lib.replicated(mesh))
   out_sh = (state_sh, sharding_lib.replicated(mesh))
   # The batch arrives already sharded on its batch axis (sharding.shard_batch); None keeps that.
+  def fn(*args):
+    # Not traced under `use_abstract_mesh`, so the layer scan's batch constraint
+    # (models.transformer.constrain_batch_axis) stays off: with it on, the update on an 8-device CPU mesh
+    # no longer matched the single-device update (tests/test_learner.py::test_sharded_step_equals_single_device),
+    # a wrong number being worse than a large buffer. Open: docs/PERFORMANCE.md, pod memory item 6.
+    return learner_update(cfg, model_def, tx, backend, *args)
+
   if stale:
-    fn = functools.partial(learner_update, cfg, model_def, tx, backend)
     return jax.jit(fn, in_shardings=(state_sh, None, param_shardings), out_shardings=out_sh, donate_argnums=(0,))
 
   def fresh(state, batch):
-    return learner_update(cfg, model_def, tx, backend, state, batch, state.params)
+    return fn(state, batch, state.params)
 
   return jax.jit(fresh, in_shardings=(state_sh, None), out_shardings=out_sh, donate_argnums=(0,))

@@ -18,14 +18,16 @@ import jax.numpy as jnp
 
 from trm_jax import divergence
 from trm_jax.rollout.sampler import sequence_inputs
-from trm_jax.rollout.sampling import processed_logprobs
+from trm_jax.rollout.sampling import is_truncated, processed_logits
 
 
-def response_hidden(model, prompt, prompt_mask, response, response_mask, *, numerics):
-  """Hidden states that predict each response token: [B, T, D], plus the model's aux (MoE routes)."""
+def response_hidden(model, prompt, prompt_mask, response, response_mask, *, numerics, remat: str = "none"):
+  """Hidden states that predict each response token: [B, T, D], plus the model's aux (MoE routes).
+
+  `remat`: the layers' rematerialisation policy in the backward pass (config learner.remat)."""
   tokens, positions, valid = sequence_inputs(prompt, prompt_mask, response, response_mask)
   # Response tokens after EOS are padding; keep them out of every key set but still compute them.
-  h, _, aux = model.hidden(tokens, positions, valid, numerics=numerics)
+  h, _, aux = model.hidden(tokens, positions, valid, numerics=numerics, remat=remat)
   p, t = prompt.shape[1], response.shape[1]
   return h[:, p - 1:p - 1 + t], aux
 
@@ -64,28 +66,81 @@ def default_chunk(t: int, chunk_size: int) -> int:
   return chunk_size if chunk_size > 0 else min(t, 128)
 
 
-def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, remat: bool = True):
+def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, remat: bool = True,
+               top_p: float = 1.0, top_k: int = 0, rollout_side=None):
   """Per-token log-prob [B, T] (differentiable) and entropy [B, T] of the learner, chunked.
 
-  The learner's policy is the model's softmax at the sampling temperature (top-p / top-k shape only
-  what the rollout engine samples from; they are a mismatch the divergences measure).
+  The learner's policy is the model's softmax at the sampling temperature, renormalised over the kept set
+  when top_p < 1 or top_k > 0 (see `token_stats`: the rollout's kept set when `rollout_side` gives the
+  rollout distribution, else the learner's own).
   """
-  out = token_stats(model, h, tokens, learner_numerics=numerics, sampling=(temperature, 1.0, 0), chunk=chunk,
-                    grad_logp=True, remat=remat)
+  out = token_stats(model, h, tokens, learner_numerics=numerics, sampling=(temperature, top_p, top_k),
+                    chunk=chunk, rollout_side=rollout_side, grad_logp=True, remat=remat)
   return out["learner_logp"], out["entropy"]
 
 
-def _gather(logp_v, tokens):
-  """The log-prob of each sampled token: [B, C, V], [B, C] -> [B, C]."""
-  return jnp.take_along_axis(logp_v, tokens[..., None], axis=-1)[..., 0]
+def _gather(x, tokens):
+  """x at each sampled token: [B, C, V], [B, C] -> [B, C]."""
+  return jnp.take_along_axis(x, tokens[..., None], axis=-1)[..., 0]
+
+
+def _scaled(logits, temperature):
+  x = logits.astype(jnp.float32)
+  return x if temperature == 1.0 else x / temperature
+
+
+def learner_chunk(logits, tokens, sampling):
+  """Learner log-prob of each token and entropy from one chunk of logits [B, C, V], with NO rollout distribution.
+
+  One max and one exp pass: lse = max + log sum e^{b - max}, H = lse - E_q[b]. With top_p < 1 or
+  top_k > 0 the learner is renormalised over ITS OWN kept set (the rollout's is unknown here); a sampled
+  token outside it keeps log-prob b_tok - lse_kept (finite, so the ratio and its gradient stay defined).
+  """
+  temperature, top_p, top_k = sampling
+  b_all = _scaled(logits, temperature)
+  b = processed_logits(b_all, 1.0, top_p, top_k) if is_truncated(top_p, top_k) else b_all
+  b_sg = jax.lax.stop_gradient(b)
+  (mx,) = divergence.max_last(b_sg)
+  e = jnp.exp(b_sg - mx)
+  s, eb = divergence.sum_last(e, jnp.where(b_sg > -jnp.inf, e * (b_sg - mx), 0.0))
+  lse = divergence.logsumexp_with_value(b, (mx + jnp.log(s))[..., 0])
+  ent = jnp.maximum((jnp.log(s) - eb / s)[..., 0], 0.0)
+  return {"learner_logp": _gather(b_all, tokens) - lse, "entropy": ent}
+
+
+def exact_chunk(rollout_logits, learner_logits, tokens, sampling):
+  """Learner log-probs, entropy, recomputed rollout log-probs and exact divergences of one chunk [B, C, V].
+
+  One read of each chunk, one log-sum-exp per side, shared (`divergence.divergences_from_logits`). The
+  rollout side is the distribution sampled from (temperature, top-k, top-p); with truncation its KEPT SET
+  K (a function of the rollout logits alone) also restricts the learner: pi_theta(v) = q_v / q(K) on K,
+  for the ratio and the divergences ("keep sampling mask", vLLM / prime-rl), so equal logits give ratio 1
+  and divergence 0. The logit difference is taken before dividing by the temperature (no extra rounding).
+  """
+  temperature, top_p, top_k = sampling
+  a_raw, b_raw = rollout_logits.astype(jnp.float32), learner_logits.astype(jnp.float32)
+  a = processed_logits(a_raw, temperature, top_p, top_k)
+  b_all = _scaled(b_raw, temperature)
+  b = jnp.where(a > -jnp.inf, b_all, -jnp.inf) if is_truncated(top_p, top_k) else b_all
+  diff = None if temperature == 1.0 else (b_raw - a_raw) / temperature
+  out = divergence.divergences_from_logits(a, b, logit_diff=diff, same_support=True)
+  return {"learner_logp": _gather(b_all, tokens) - out.pop("learner_lse"),
+          "rollout_logp_recomputed": _gather(a, tokens) - out.pop("rollout_lse"), **out}
 
 
 def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk: int, rollout_side=None,
                 grad_logp: bool = False, remat: bool = True):
   """One pass over time chunks: learner log-probs, entropy and, if given, exact divergences.
 
-  Everything is stop-gradient except `learner_logp` when grad_logp=True (the fused learner update
-  differentiates it; with remat the backward recomputes each chunk's logits instead of storing them).
+  Each [B, C, V] chunk of learner logits (and of rollout logits, recomputed or stored) is read once; see
+  `exact_chunk` / `learner_chunk`. Everything is stop-gradient except `learner_logp` when grad_logp=True
+  (the fused learner update differentiates it; with remat the backward recomputes each chunk's logits
+  instead of storing them).
+
+  Top-p / top-k (sampling[1:]): the learner is renormalised over the rollout's kept set, rebuilt per chunk
+  from the rollout logits (recompute, stored; never a stored [B,T,V] mask). Without a rollout
+  distribution (None = sampled, topk) it is renormalised over its own kept set, which equals the
+  rollout's when the two policies agree; topk then bounds the divergences against that learner.
 
   Args:
     learner: the learner model (merged NNX module); h_learner: [B, T, D] hidden states.
@@ -100,46 +155,34 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
     dict of [B, T] float32: learner_logp, entropy, and for exact sides rollout_logp_recomputed, kl,
     kl_reverse, tv (topk: kl = the lower bound kl_lower, tv = the upper bound, no kl_reverse).
   """
-  temperature, top_p, top_k = sampling
   kind = rollout_side[0] if rollout_side else None
-
-  def learner_part(h_c, tok_c):
-    logp_v = processed_logprobs(learner.unembed(h_c, numerics=learner_numerics), temperature, 1.0, 0)
-    return logp_v, {"learner_logp": _gather(logp_v, tok_c), "entropy": divergence.entropy(logp_v)}
-
-  def with_rollout_logp(logp_v, out, roll_v, tok_c):
-    out["rollout_logp_recomputed"] = _gather(roll_v, tok_c)
-    out.update(divergence.divergences_from_logprobs(roll_v, logp_v))
-    return out
+  logits = lambda h_c: learner.unembed(h_c, numerics=learner_numerics)
 
   if kind == "recompute":
     _, rollout_model, h_roll, roll_numerics = rollout_side
 
     def one(h_c, tok_c, hr_c):
-      logp_v, out = learner_part(h_c, tok_c)
-      roll_v = processed_logprobs(rollout_model.unembed(hr_c, numerics=roll_numerics), temperature, top_p, top_k)
-      return with_rollout_logp(logp_v, out, roll_v, tok_c)
+      return exact_chunk(rollout_model.unembed(hr_c, numerics=roll_numerics), logits(h_c), tok_c, sampling)
 
     extra = (h_roll,)
   elif kind == "stored":
     def one(h_c, tok_c, logits_c):
-      logp_v, out = learner_part(h_c, tok_c)
-      roll_v = processed_logprobs(logits_c.astype(jnp.float32), temperature, top_p, top_k)
-      return with_rollout_logp(logp_v, out, roll_v, tok_c)
+      return exact_chunk(logits_c, logits(h_c), tok_c, sampling)
 
     extra = (rollout_side[1],)
   elif kind == "topk":
     def one(h_c, tok_c, tl_c, ti_c):
-      logp_v, out = learner_part(h_c, tok_c)
-      # log-probs are logits whose log_softmax is themselves.
-      d = divergence.topk_divergences(tl_c, ti_c, logp_v)
+      b = logits(h_c)
+      out = learner_chunk(b, tok_c, sampling)
+      temperature, top_p, top_k = sampling
+      d = divergence.topk_divergences(tl_c, ti_c, processed_logits(b, temperature, top_p, top_k))
       out.update(kl=d["kl_lower"], tv=d["tv"])  # no kl_reverse: the unseen tail leaves it unknown
       return out
 
     extra = (rollout_side[1], rollout_side[2])
   elif kind is None:
     def one(h_c, tok_c):
-      return learner_part(h_c, tok_c)[1]
+      return learner_chunk(logits(h_c), tok_c, sampling)
 
     extra = ()
   else:

@@ -3,6 +3,13 @@
 Per-token terms are multiplied by `weights` [B, T] (masking.Correction.token_weight: response mask,
 sequence mask M_i and any IS weight already folded in) and reduced by `aggregate`. Every path is
 NaN-free when everything is masked: the loss and its gradient are then exactly 0.
+
+Composition of IS weights and ratios (masking.py's module docstring decides it): the ratio a loss forms is
+against its `behaviour_logp` argument, and the weights carry only what that ratio does not. With
+rl.ratio_base="rollout" the behaviour is pi_roll and the weights are 0/1 masks; with "learner" (decoupled
+PPO) the behaviour is pi_prox (stop-gradient pre-update learner log-probs) and the weights carry the
+(truncated) IS weight pi_prox/pi_roll. d loss / d log pi_theta(y_t) = -A_i w_t r_t / denominator when r_t is
+not clipped, 0 when it is.
 """
 from typing import Optional
 
@@ -52,6 +59,19 @@ def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
     return jnp.sum(jnp.sum(x, axis=-1)) / n_seq
   if mode == "seq_mean_token_mean":
     return jnp.sum(jnp.sum(x, axis=-1) / jnp.maximum(n_tok, 1.0)) / n_seq
+  raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def denominator(weights: Array, mode: str = "seq_total", mask: Optional[Array] = None) -> Array:
+  """The denominator `aggregate` divides by (float32 scalar), for logging (rl/loss_denominator)."""
+  weights = jnp.asarray(weights, jnp.float32)
+  valid = ((weights != 0) if mask is None else (jnp.asarray(mask) > 0)).astype(jnp.float32)
+  if mode == "seq_total":
+    return jnp.float32(max(int(weights[..., 0].size), 1))
+  if mode == "token_mean":
+    return jnp.maximum(jnp.sum(valid), 1.0)
+  if mode in ("seq_mean_token_sum", "seq_mean_token_mean"):
+    return jnp.maximum(jnp.sum((jnp.sum(valid, axis=-1) > 0).astype(jnp.float32)), 1.0)
   raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
 
 
@@ -114,26 +134,29 @@ def ppo_clip_loss(learner_logp: Array, behaviour_logp: Array, advantages: Array,
     aux["dual_clip_frac"] = jnp.sum(capped * valid) / n
   else:
     aux["dual_clip_frac"] = jnp.zeros((), jnp.float32)
-  aux.update(_ratio_stats(ratio, valid))
+  aux.update(_ratio_stats(ratio, valid), loss_denominator=denominator(weights, aggregation, mask))
   return aggregate(pg, weights, aggregation, mask), aux
 
 
 def is_loss(learner_logp: Array, rollout_logp: Array, advantages: Array, weights: Array,
             aggregation: str = "seq_total", mask: Optional[Array] = None):
-  """Plain IS surrogate of Algorithm 1: -(1/N) sum_i M_i A_i sum_t rho_t,i (paper Sec. 3).
+  """Plain IS surrogate of Algorithm 1: -(1/N) sum_i M_i A_i sum_t w_t rho_t,i (paper Sec. 3).
 
-  rho_t = exp(log pi_theta - log pi_roll) with the rollout log-prob stop-gradient, so the gradient is
-  -(1/N) sum_i M_i A_i sum_t rho_t grad log pi_theta(y_t|c_t) (with seq_total aggregation).
+  rho_t = exp(log pi_theta - log pi_ref) with the reference log-prob stop-gradient, so the gradient is
+  -(1/N) sum_i M_i A_i sum_t w_t rho_t grad log pi_theta(y_t|c_t) (with seq_total aggregation). The
+  reference is pi_roll (the paper) or, for decoupled PPO, pi_prox with w_t carrying pi_prox/pi_roll.
 
   Args:
-    learner_logp, rollout_logp: [B, T]; advantages: [B]; weights: [B, T] (M_i folded in).
+    learner_logp, rollout_logp: [B, T] (rollout_logp: the reference policy's log-probs); advantages: [B];
+    weights: [B, T] (M_i and any IS weight folded in). aggregation, mask: see `aggregate`.
 
   Returns:
-    (loss scalar, aux dict: ratio_mean, ratio_max, ratio_min).
+    (loss scalar, aux dict: ratio_mean, ratio_max, ratio_min, loss_denominator).
   """
   chex.assert_rank([learner_logp, rollout_logp, weights, advantages], [2, 2, 2, 1])
   chex.assert_equal_shape([learner_logp, rollout_logp, weights])
   rho = jnp.exp(_log_ratio(learner_logp, rollout_logp, weights))
   adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
   valid = (jnp.asarray(weights) != 0).astype(jnp.float32)
-  return aggregate(-adv * rho, weights, aggregation, mask), _ratio_stats(rho, valid)
+  aux = dict(_ratio_stats(rho, valid), loss_denominator=denominator(weights, aggregation, mask))
+  return aggregate(-adv * rho, weights, aggregation, mask), aux

@@ -9,6 +9,18 @@ Every criterion returns a `Correction`:
                        token_accept_rate (valid tokens with nonzero weight / valid tokens) and, when
                        `length_edges` is given, "accept_rate/len_<lo>_<hi>" (see accept_rate_by_length).
 Weights and masks are stop-gradient'ed: they select and weight samples, they are not differentiated.
+
+Composition rule (the one place it is decided; losses.py and rl.ratio_base follow it). `learner_logp` here
+is pi_prox: the learner's log-probs at the PRE-update parameters (stop-gradient). Every correction factor
+is applied exactly once:
+  rl.ratio_base = "rollout": the surrogate's ratio is pi_theta/pi_roll (the paper's rho); the corrections
+    may only mask (0/1 weights). The IS baselines tis / seq_is are refused by config.validate(): their
+    weight already carries pi/pi_roll, and multiplying it into a pi_theta/pi_roll ratio applies it twice.
+  rl.ratio_base = "learner" (decoupled PPO): the surrogate's ratio is pi_theta/pi_prox and the token weight
+    carries the rollout -> proximal IS weight pi_prox/pi_roll: min(rho, cap) per token for tis,
+    min(prod_t rho_t, cap) per sequence for seq_is, and the untruncated rho (`proximal_weight`) for any
+    other baseline. The gradient weight of token t is then A * w_t * r_t (unless PPO clips r_t), w_t the IS
+    weight and r_t = pi_theta/pi_prox, which is 1 at the first optimizer step after the forward.
 """
 from typing import Optional, Sequence
 
@@ -169,9 +181,26 @@ def none(mask: Array, *, length_edges=None) -> Correction:
   return _finish(jnp.ones(mask_f.shape[:-1]), jnp.ones_like(mask_f), mask, None, length_edges)
 
 
+IS_BASELINES = ("tis", "seq_is")  # corrections whose weight is an IS ratio pi_prox/pi_roll (need ratio_base=learner)
+
+
+def proximal_weight(learner_logp: Array, rollout_logp: Array, mask: Array) -> Array:
+  """Untruncated rollout -> proximal IS weight rho_t = pi_prox / pi_roll [B, T] (decoupled PPO), 0 off mask.
+
+  The log-ratio is clipped at +-LOG_RATIO_CLIP before exp so it stays finite.
+  """
+  chex.assert_rank([learner_logp, rollout_logp, mask], 2)
+  w = _rho(_log_rho(learner_logp, rollout_logp, mask))
+  return jax.lax.stop_gradient(jnp.where(jnp.asarray(mask) > 0, w, 0.0))
+
+
 def token_tis(learner_logp: Array, rollout_logp: Array, mask: Array, cap, *,
               length_edges=None) -> Correction:
-  """Token-level truncated IS: token weight min(rho_t, cap), rho_t = pi_theta / pi_roll (stop-gradient)."""
+  """Token-level truncated IS: token weight min(rho_t, cap), rho_t = pi_prox / pi_roll (stop-gradient).
+
+  pi_prox = learner_logp (pre-update). Use with a surrogate whose ratio is pi_theta/pi_prox
+  (rl.ratio_base="learner"; see the module docstring), never pi_theta/pi_roll.
+  """
   chex.assert_rank([learner_logp, rollout_logp, mask], 2)
   rho = _rho(_log_rho(learner_logp, rollout_logp, mask))
   w = jnp.minimum(rho, cap)
@@ -194,7 +223,9 @@ def token_mask(learner_logp: Array, rollout_logp: Array, mask: Array, low, high,
 
 def seq_tis(learner_logp: Array, rollout_logp: Array, mask: Array, cap, *,
             length_edges=None) -> Correction:
-  """Sequence-level truncated IS: every token of sequence i gets min(prod_t rho_t, cap).
+  """Sequence-level truncated IS: every token of sequence i gets min(prod_t rho_t, cap), rho_t = pi_prox/pi_roll.
+
+  As token_tis: pair it with the ratio pi_theta/pi_prox (rl.ratio_base="learner").
 
   The product is formed in log space, exp(min(sum_t log rho_t, log cap)), so it never overflows.
   """

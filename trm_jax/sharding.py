@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,6 +29,7 @@ LOGICAL_RULES = {
     "head_dim": None,
     "mlp": "tensor",
     "experts": None,
+    "layers": None,  # the stacked (scanned) layer axis: every device runs every layer
 }
 
 
@@ -90,8 +92,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_batch(tree, mesh: Mesh):
   """Host-local numpy arrays -> global jax arrays sharded on the batch axis.
 
-  Single process: a plain device_put. Multi-host: each process holds its own rows (the data
-  pipeline splits by process index) and `make_array_from_process_local_data` stitches them.
+  Single process: a plain device_put. Multi-process: each process holds exactly its rows of the
+  global batch, `host_rows(mesh, B)` in increasing order (the data pipeline reads those), and
+  `make_array_from_process_local_data` stitches them into one global array.
   """
   def put(x):
     if x is None:
@@ -105,22 +108,70 @@ def shard_batch(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
+def host_rows(mesh: Mesh, global_batch: int, process_index: int | None = None) -> np.ndarray:
+  """The rows of a [global_batch, ...] batch-sharded array that `process_index`'s devices hold, sorted.
+
+  A TPU mesh need not give a host a contiguous block (jax.make_mesh orders devices by the physical
+  torus, and hosts own 2x2 chip tiles), so the data pipeline reads exactly these rows, and every
+  process count sees the same global batch. Default process: this one.
+  """
+  p = jax.process_index() if process_index is None else process_index
+  div = batch_divisor(mesh)
+  if global_batch % div:
+    raise ValueError(f"global batch {global_batch} must be a multiple of the mesh's data*fsdp = {div}")
+  index_map = batch_sharding(mesh, 1).devices_indices_map((global_batch,))
+  rows = set()
+  for device, (sl,) in index_map.items():
+    if device.process_index == p:
+      rows.update(range(*sl.indices(global_batch)))
+  if not rows:
+    raise ValueError(f"process {p} holds no device of the mesh")
+  return np.array(sorted(rows), np.int64)
+
+
+def host_group_rows(mesh: Mesh, num_prompts: int, group_size: int, process_index: int | None = None):
+  """(prompt_rows, expand) for a batch of num_prompts prompts each repeated group_size times.
+
+  This process reads prompts `prompt_rows` of the global prompt batch; `local[expand]` is then exactly
+  its rows `host_rows(mesh, num_prompts * group_size)` of the repeated batch, even when a group of G
+  responses spans devices or processes.
+  """
+  rows = host_rows(mesh, num_prompts * group_size, process_index) // group_size
+  prompt_rows = np.unique(rows)
+  return prompt_rows, np.searchsorted(prompt_rows, rows)
+
+
+def constrain_batch(tree, mesh: Mesh, batch: int):
+  """Inside jit: every leaf whose leading axis is the global batch `batch` is sharded on it, so a program's
+  [B, T(, V)] outputs are not gathered onto every device (the plan tool found them replicated)."""
+  def one(x):
+    if getattr(x, "ndim", 0) and x.shape[0] == batch:
+      return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
+    return x
+
+  return jax.tree.map(one, tree)
+
+
 def batch_divisor(mesh: Mesh) -> int:
   """The global batch must be a multiple of this to shard evenly."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def init_sharded(init_fn, params, mesh: Mesh):
-  """Runs `init_fn(params)` (e.g. an optax init) so every output leaf lives on the whole mesh.
+def opt_shardings(init_fn, params, mesh: Mesh):
+  """Shardings of `init_fn(params)` (an optax init): every parameter-shaped tree (Adam's mu, nu, ...) gets
+  its parameter's sharding, the rest (step counters) is replicated.
 
-  Leaves shaped like a parameter inherit XLA's propagated sharding; leaves that came out on fewer
-  devices (step counters, scalars) are replicated, so the state can be passed to a jit whose other
-  arguments span the mesh.
+  Left to XLA's propagation, `zeros_like(param)` comes out REPLICATED (zeros do not depend on the
+  input's data), i.e. a full fp32 copy of mu and nu on every chip: 8 bytes per parameter per chip.
+  `params`: arrays or ShapeDtypeStructs carrying shardings.
   """
-  out = jax.jit(init_fn)(params)
-  n = mesh.devices.size
+  return optax.tree_utils.tree_map_params(
+      init_fn, lambda _, s: s, jax.eval_shape(init_fn, params), jax.tree.map(lambda x: x.sharding, params),
+      transform_non_params=lambda _: replicated(mesh))
 
-  def fix(x):
-    return x if len(x.sharding.device_set) == n else jax.device_put(x, replicated(mesh))
 
-  return jax.tree.map(fix, out)
+def init_sharded(init_fn, params, mesh: Mesh):
+  """Runs `init_fn(params)` (e.g. an optax init) with every output leaf on the whole mesh: parameter-
+  shaped state sharded like its parameter (`opt_shardings`), the rest replicated, so the state can be
+  passed to a jit whose other arguments span the mesh."""
+  return jax.jit(init_fn, out_shardings=opt_shardings(init_fn, params, mesh))(params)

@@ -74,6 +74,13 @@ class TrmTasks(tfds.core.GeneratorBasedBuilder):
     # array_record is what gives random access (tfds.data_source / grain) without TensorFlow.
     super().__init__(file_format=file_format, **kwargs)
 
+  # Nothing is downloaded: TFDS's "Downloading and preparing dataset ..." banner would mislead (issue 14).
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    print(f"[trm_jax] generated dataset {self.name}/{self.builder_config.name} in {self.data_dir}", flush=True)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,

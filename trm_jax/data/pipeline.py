@@ -1,6 +1,7 @@
 """Input pipeline: tfds.data_source -> grain -> fixed-shape numpy batches for rollout and warm start.
 
-`make_iterator(data_cfg, "train", batch_size=64, seed=0)` yields host-local dicts of numpy arrays:
+`make_iterator(data_cfg, "train", batch_size=64, seed=0)` yields this process's rows of each GLOBAL
+batch of 64, as dicts of numpy arrays:
 
   prompt [b, P] int32   BOS + prompt text, LEFT padded (every response then starts at position P)
   prompt_mask [b, P]    1 on real tokens
@@ -9,10 +10,14 @@
   target [b, T] int32   correct response + EOS, right padded (supervised warm start)
   target_mask [b, T]
 
-P, A, T come from `tasks.get_task(data_cfg.task, data_cfg.horizon, ...)`. Order: source -> this host's
-shard (`[process_index::process_count]`, before shuffling so hosts never share examples) -> shuffle(seed)
--> repeat (reshuffled per epoch) -> [warm-start noise] -> tokenize/pad -> batch(drop_remainder). The
-iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` restore the exact next batches.
+P, A, T come from `tasks.get_task(data_cfg.task, data_cfg.horizon, ...)`. Order: source -> shuffle(seed)
+-> repeat (reshuffled per epoch) -> [warm-start noise] -> tokenize/pad: ONE global stream, the same on
+any number of processes; global batch i is its elements [i*B, (i+1)*B). Each process then reads only
+its rows of each global batch (b = len(rows); default: block `process_index` of `process_count` equal
+blocks; a mesh's own rows come from `trm_jax.sharding.host_rows`), so a run is a function of
+(config, seed) whatever the topology. The iterator is a grain `DatasetIterator`: `get_state()` /
+`set_state()` restore the exact next batches, and the state (batches consumed) is the same on every
+process and every process count, so a checkpoint written on N processes resumes on M.
 """
 from __future__ import annotations
 
@@ -44,13 +49,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_threads = 4            # grain reader threads (the per-element work is a numpy lookup)
   c.prefetch = 8               # grain prefetch buffer (batches' worth of elements is plenty)
   c.math_manual_dir = ""       # directory holding DAPO-Math / AIME files (see math_data.py)
+  c.text = tasks.default_text_config()  # text tasks (dapo_math, aime24, aime25): tokenizer, prompt_len, reward
   return c
 
 
-def task_from_config(data_cfg) -> tasks.Task:
-  """The `Task` the config names (validates task, horizon, size, min_size)."""
-  return tasks.get_task(data_cfg.task, data_cfg.horizon, data_cfg.size or None,
-                        data_cfg.min_size or None)
+def task_from_config(data_cfg) -> tasks.Task | tasks.TextTask:
+  """The `Task` (or `TextTask`) the config names (validates task, horizon, size, min_size)."""
+  return tasks.task_from_config(data_cfg)
 
 
 def encode_examples(examples, task: tasks.Task, tokenizer: Tokenizer | None = None) -> dict:
@@ -100,36 +105,69 @@ def data_source(data_cfg, split: str):
           "download_config": tfds.download.DownloadConfig(try_download_gcs=False)})
 
 
+class _Rows:
+  """Random access to `rows` of each global batch of `global_batch` consecutive elements of `parent`."""
+
+  def __init__(self, parent, rows, global_batch: int):
+    self.parent, self.rows, self.global_batch = parent, np.asarray(rows, np.int64), global_batch
+
+  def __len__(self):
+    n = len(self.parent)
+    return n if n >= 2**62 else n // self.global_batch * len(self.rows)  # repeat(None) is "infinite"
+
+  def __getitem__(self, j):
+    i, r = divmod(int(j), len(self.rows))
+    return self.parent[i * self.global_batch + int(self.rows[r])]
+
+
+def local_rows(batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  """Block `process_index` of `process_count` equal contiguous blocks of a global batch."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if batch_size % process_count:
+    raise ValueError(f"global batch_size={batch_size} must be a multiple of process_count={process_count}")
+  b = batch_size // process_count
+  return np.arange(process_index * b, (process_index + 1) * b)
+
+
 def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None, noise: float = 0.0, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
-  """Iterator of host-local batch dicts (module docstring); deterministic given `seed`.
+                  process_count: int | None = None, rows=None) -> grain.DatasetIterator:
+  """Iterator of this process's rows of each global batch (module docstring); deterministic given `seed`.
 
   Args:
     data_cfg: the `data` ConfigDict (`default_data_config()`).
     split: "train", "validation" or "test".
-    batch_size: per-host batch size b (the last partial batch of a finite pass is dropped).
+    batch_size: GLOBAL batch size B (the last partial batch of a finite pass is dropped).
     seed: shuffle / noise seed.
     shuffle: shuffle each epoch (eval passes use False).
     num_epochs: None = repeat forever.
     noise: warm-start target corruption probability (see `corrupt_answer`).
-    process_index, process_count: this host's shard; default jax.process_index()/process_count().
+    process_index, process_count: this process's block of B / process_count rows; default
+      jax.process_index() / jax.process_count().
+    rows: explicit row indices in [0, B) this process reads (overrides the block), e.g.
+      `sharding.host_rows(mesh, B)` when a mesh gives a process non-contiguous rows.
   """
   task = task_from_config(data_cfg)
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(data_source(data_cfg, split))
-  # Equal shard sizes keep hosts in lockstep (same number of batches per epoch).
-  ds = ds[: len(ds) // count * count][index::count]
+  if rows is None:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    rows = local_rows(batch_size, index, count)
+  rows = np.asarray(rows, np.int64)
+  if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
+    raise ValueError(f"rows must be a non-empty list of indices in [0, batch_size={batch_size}), got {rows}")
+  ds = grain.MapDataset.source(task.source(split) if task.is_text else data_source(data_cfg, split))
   if len(ds) < batch_size:
-    raise ValueError(f"batch_size={batch_size} exceeds this host's {len(ds)} {split!r} examples")
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(ds)} {split!r} examples")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   if noise > 0:
     ds = ds.random_map(functools.partial(corrupt_answer, noise=noise), seed=seed)
-  ds = ds.map(functools.partial(_encode_one, task=task, tok=Tokenizer()))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  # Only this process's rows are read, tokenized and padded: the global stream above is lazy.
+  ds = grain.MapDataset.source(_Rows(ds, rows, batch_size))
+  ds = ds.map(task.encode_example if task.is_text else functools.partial(_encode_one, task=task, tok=Tokenizer()))
+  ds = ds.batch(len(rows), drop_remainder=True)
   read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
   return iter(ds.to_iter_dataset(read))
 

@@ -19,8 +19,9 @@ ATTENTION_KINDS = ("standard", "alt_order")
 # Finite "minus infinity" for masked attention scores: -inf would turn fully masked rows
 # (left padding) into NaN.
 NEG_INF = -1e30
-# Key-block size of the alt_order attention kernel (a flash-attention-like blocked softmax).
-ALT_BLOCK = 16
+# Keys per step of the alt_order kernel's online-softmax loop (flash-attention-like): large enough
+# for full MXU tiles and few loop steps, small enough that the per-step scores [B,H,L,block] are small.
+ALT_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,8 @@ class Numerics:
   Attributes:
     dtype: activation dtype, "float32" | "bfloat16".
     weight_dtype: weights are cast to this dtype before use (then computed in `dtype`).
-    attention: "standard" or "alt_order" (mathematically equal, different reduction order: split
-      score contraction, blocked softmax with per-block max, blocks combined in reversed order).
+    attention: "standard" or "alt_order" (mathematically equal, different reduction order: an online
+      softmax over key blocks in reversed order with a split score contraction, see _attend_alt_order).
     router_dtype: dtype of the MoE router matmul (top-k routing flips, paper App. A).
     router_jitter: stddev of Gaussian noise added to router logits; the noise is a deterministic
       function of (layer, position, token) so the learner's recomputation sees the same jitter.
@@ -68,9 +69,15 @@ class Numerics:
 LEARNER = Numerics()
 
 
-def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
-  """A parameter annotated with logical axis names (mapped to mesh axes by trm_jax.sharding)."""
+def param(rngs: nnx.Rngs, init, shape, names, dtype, stack: int | None = None) -> nnx.Param:
+  """A parameter annotated with logical axis names (mapped to mesh axes by trm_jax.sharding).
+
+  With `stack`, the parameter of `stack` layers is one array with a leading ("layers",) axis, which
+  the transformer scans over (trm_jax/models/transformer.py).
+  """
   assert len(shape) == len(names), (shape, names)
+  if stack is not None:
+    shape, names = (stack,) + tuple(shape), ("layers",) + tuple(names)
   return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
 
 
@@ -79,29 +86,37 @@ def fan_in_init(fan_in: int, scale: float = 1.0):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm, statistics in float32 whatever the activation dtype (as inference engines do)."""
+  """RMSNorm as transformers computes it: y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in float32.
 
-  def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs, eps: float = 1e-6):
-    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+  The normalised x is cast back to the activation dtype BEFORE the weight multiplies it (HF's
+  `Qwen3RMSNorm`: `weight * hidden.to(input_dtype)`); the last axis is normalised (d_model, or head_dim
+  for the per-head q/k norm of Qwen3).
+  """
+
+  def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs, eps: float = 1e-6, names=("embed",),
+               stack: int | None = None):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), names, param_dtype, stack)
     self.eps = eps
 
   def __call__(self, x: jax.Array, numerics: Numerics) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...].astype(DTYPES[numerics.weight_dtype]).astype(jnp.float32)
-    return (xf * scale).astype(numerics.act)
+    return numerics.w(self.scale[...]) * xf.astype(numerics.act)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (half-split form). x [B,L,N,Dh], positions [B,L]; computed in float32."""
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  ang = positions.astype(jnp.float32)[..., None, None] * freq  # [B,L,1,half]
-  sin, cos = jnp.sin(ang), jnp.cos(ang)
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., :half], xf[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  """Rotary embedding, HF layout: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+
+  inv_freq_i = 1 / theta^(2i / Dh) (i < Dh/2); the angles are computed in float32 and cos/sin are cast
+  to x's dtype before the product, as transformers does. x [B,L,N,Dh], positions [B,L].
+  """
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  ang = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B,L,1,Dh/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)
+  cos, sin = jnp.cos(ang).astype(x.dtype), jnp.sin(ang).astype(x.dtype)
+  x1, x2 = x[..., :dh // 2], x[..., dh // 2:]
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
 def _attend_standard(q, k, v, mask, scale):
@@ -113,59 +128,93 @@ def _attend_standard(q, k, v, mask, scale):
   return jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v)
 
 
-def _attend_alt_order(q, k, v, mask, scale):
+def _attend_alt_order(q, k, v, mask, scale, block: int | None = None):
   """Same maths as `_attend_standard`, another floating-point reduction order.
 
-  Mimics a different inference kernel (paper App. A: paged vs flash attention): the score
-  contraction is split over two halves of head_dim, the softmax is computed blockwise over keys
-  with a per-block max (flash-attention style) and the blocks are combined in reversed order.
+  Mimics a different inference kernel (paper App. A: paged vs flash attention): an online softmax
+  (flash-attention style) over key blocks of `block` (default ALT_BLOCK) keys, visited last block
+  first; per block the score contraction is split over two halves of head_dim and the unnormalised
+  p @ v is rounded to the activation dtype; the running (max m, sum l, out o) are float32:
+    m' = max(m, max_j s_j), l' = l e^(m-m') + sum_j e^(s_j-m'), o' = o e^(m-m') + sum_j e^(s_j-m') v_j,
+  result o / l. Memory is O(B H L (Dh + block)) (no [.., L, S/block, Dh] per-block outputs).
+  q [B,L,K,G,Dh], k/v [B,S,K,Dh], mask [B,L,S] -> [B,L,K,G,Dh].
   """
-  half = q.shape[-1] // 2
-  s = (jnp.einsum("blkgd,bskd->bkgls", q[..., half:], k[..., half:]).astype(jnp.float32)
-       + jnp.einsum("blkgd,bskd->bkgls", q[..., :half], k[..., :half]).astype(jnp.float32)) * scale
+  B, L, K, G, Dh = q.shape
   S = k.shape[1]
-  nb = -(-S // ALT_BLOCK)
-  pad = nb * ALT_BLOCK - S
-  m = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))[:, None, None]
-  s = jnp.pad(s, ((0, 0),) * 4 + ((0, pad),))
-  v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  s = jnp.where(m, s, NEG_INF)
-  B, K, G, L, _ = s.shape
-  sb = s.reshape(B, K, G, L, nb, ALT_BLOCK)
-  mb = m.reshape(m.shape[:3] + (L, nb, ALT_BLOCK))
-  blk_max = jnp.max(sb, axis=-1)  # [B,K,G,L,nb]
-  pb = jnp.where(mb, jnp.exp(sb - blk_max[..., None]), 0.0)
-  blk_sum = jnp.sum(pb, axis=-1)
-  vb = v.reshape(B, nb, ALT_BLOCK, K, v.shape[-1])
-  blk_out = jnp.einsum("bkglnc,bnckd->bkglnd", pb.astype(v.dtype), vb).astype(jnp.float32)
-  gmax = jnp.max(blk_max, axis=-1, keepdims=True)
-  w = jnp.exp(blk_max - gmax)[..., ::-1]  # reversed block order for the final sums
-  denom = jnp.sum(blk_sum[..., ::-1] * w, axis=-1)
-  out = jnp.sum(blk_out[..., ::-1, :] * w[..., None], axis=-2)
-  out = out / jnp.maximum(denom, 1e-30)[..., None]  # fully masked rows: 0 / tiny = 0
+  C = min(block or ALT_BLOCK, S)
+  nb = -(-S // C)
+  pad = nb * C - S
+  if pad:  # padded keys are masked out
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
+  half = Dh // 2
+  q_hi, q_lo = q[..., half:], q[..., :half]
+
+  def step(i, carry):
+    m, l, o = carry
+    start = (nb - 1 - i) * C  # reversed block order
+    kb = jax.lax.dynamic_slice_in_dim(k, start, C, axis=1)
+    vb = jax.lax.dynamic_slice_in_dim(v, start, C, axis=1)
+    mb = jax.lax.dynamic_slice_in_dim(mask, start, C, axis=2)[:, None, None]  # [B,1,1,L,C]
+    s = (jnp.einsum("blkgd,bskd->bkgls", q_hi, kb[..., half:]).astype(jnp.float32)
+         + jnp.einsum("blkgd,bskd->bkgls", q_lo, kb[..., :half]).astype(jnp.float32)) * scale
+    s = jnp.where(mb, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    alpha = jnp.exp(m - m_new)  # 1 while a row has seen only masked keys (m = m_new = NEG_INF)
+    p = jnp.where(mb, jnp.exp(s - m_new[..., None]), 0.0)
+    pv = jnp.einsum("bkgls,bskd->bkgld", p.astype(v.dtype), vb).astype(jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), o * alpha[..., None] + pv
+
+  init = (jnp.full((B, K, G, L), NEG_INF, jnp.float32), jnp.zeros((B, K, G, L), jnp.float32),
+          jnp.zeros((B, K, G, L, Dh), jnp.float32))
+  _, l, o = jax.lax.fori_loop(0, nb, step, init)
+  out = o / jnp.maximum(l, 1e-30)[..., None]  # fully masked rows: 0 / tiny = 0
   return jnp.einsum("bkgld->blkgd", out).astype(v.dtype)
 
 
 class Attention(nnx.Module):
-  """Grouped-query causal self-attention with RoPE, key padding and an optional KV cache."""
+  """Grouped-query causal self-attention with RoPE, key padding and an optional KV cache.
 
-  def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs):
+  Options of `ModelConfig` (as transformers computes them): `qkv_bias` (Qwen2: q/k/v projections with
+  bias), `o_bias` (Qwen3 with attention_bias=True), `qk_norm` (Qwen3: RMSNorm over head_dim of each
+  q and k head, after the projection and before RoPE). Scores are scaled by 1/sqrt(head_dim).
+  """
+
+  def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = H, K, Dh, cfg.rope_theta
     out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)  # keeps the residual stream O(1) at init
-    self.wq = param(rngs, fan_in_init(D), (D, H, Dh), ("embed", "heads", "head_dim"), param_dtype)
-    self.wk = param(rngs, fan_in_init(D), (D, K, Dh), ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.wv = param(rngs, fan_in_init(D), (D, K, Dh), ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.wo = param(rngs, fan_in_init(H * Dh, out_scale), (H, Dh, D), ("heads", "head_dim", "embed"),
-                    param_dtype)
+    p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype, stack)
+    self.wq = p(fan_in_init(D), (D, H, Dh), ("embed", "heads", "head_dim"))
+    self.wk = p(fan_in_init(D), (D, K, Dh), ("embed", "kv_heads", "head_dim"))
+    self.wv = p(fan_in_init(D), (D, K, Dh), ("embed", "kv_heads", "head_dim"))
+    self.wo = p(fan_in_init(H * Dh, out_scale), (H, Dh, D), ("heads", "head_dim", "embed"))
+    zeros = nnx.initializers.zeros
+    self.bq = p(zeros, (H, Dh), ("heads", "head_dim")) if cfg.qkv_bias else None
+    self.bk = p(zeros, (K, Dh), ("kv_heads", "head_dim")) if cfg.qkv_bias else None
+    self.bv = p(zeros, (K, Dh), ("kv_heads", "head_dim")) if cfg.qkv_bias else None
+    self.bo = p(zeros, (D,), ("embed",)) if cfg.o_bias else None
+    norm = lambda: RMSNorm(Dh, param_dtype=param_dtype, rngs=rngs, eps=cfg.rms_norm_eps, names=("head_dim",),
+                           stack=stack)
+    self.q_norm = norm() if cfg.qk_norm else None
+    self.k_norm = norm() if cfg.qk_norm else None
+
+  def _proj(self, x, w, b, numerics):
+    y = jnp.einsum("bld,dhe->blhe", x, numerics.w(w[...]))
+    return y if b is None else y + numerics.w(b[...])
 
   def __call__(self, x, positions, key_valid, numerics: Numerics, cache_kv=None, index=None):
-    """x [B,L,D]; key_valid [B,S] (S = L, or the cache length). Returns (y [B,L,D], (k, v))."""
+    """x [B,L,D]; key_valid [B,S] (S = L, or the cache length); cache_kv: this layer's (k, v) cache
+    [B,S,K,Dh] or None. Returns (y [B,L,D], (k, v) [B,L,K,Dh] of the L new tokens, post-RoPE)."""
     B, L, _ = x.shape
-    q = jnp.einsum("bld,dhe->blhe", x, numerics.w(self.wq[...]))
-    k = jnp.einsum("bld,dhe->blhe", x, numerics.w(self.wk[...]))
-    v = jnp.einsum("bld,dhe->blhe", x, numerics.w(self.wv[...]))
+    q = self._proj(x, self.wq, self.bq, numerics)
+    k = self._proj(x, self.wk, self.bk, numerics)
+    v = self._proj(x, self.wv, self.bv, numerics)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+    new_kv = (k, v)
     qi = jnp.arange(L)[:, None]
     if cache_kv is None:
       kj = jnp.arange(L)[None, :]
@@ -183,18 +232,20 @@ class Attention(nnx.Module):
     o = attend(qg, k.astype(q.dtype), v.astype(q.dtype), mask, 1.0 / math.sqrt(self.head_dim))
     o = o.reshape(B, L, self.n_heads, self.head_dim)
     y = jnp.einsum("blhe,hed->bld", o, numerics.w(self.wo[...]))
-    return y, (k, v)
+    if self.bo is not None:
+      y = y + numerics.w(self.bo[...])
+    return y, new_kv
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward block."""
+  """SwiGLU feed-forward block: down(silu(gate(x)) * up(x)), as HF's Qwen3MLP."""
 
-  def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs):
-    D, F = cfg.d_model, cfg.d_ff
+  def __init__(self, cfg, d_ff: int, *, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+    D, F = cfg.d_model, d_ff
     out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
-    self.w_gate = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), param_dtype)
-    self.w_up = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), param_dtype)
-    self.w_down = param(rngs, fan_in_init(F, out_scale), (F, D), ("mlp", "embed"), param_dtype)
+    self.w_gate = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), param_dtype, stack)
+    self.w_up = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), param_dtype, stack)
+    self.w_down = param(rngs, fan_in_init(F, out_scale), (F, D), ("mlp", "embed"), param_dtype, stack)
 
   def __call__(self, x, numerics: Numerics):
     g = jnp.einsum("bld,df->blf", x, numerics.w(self.w_gate[...]))

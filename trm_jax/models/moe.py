@@ -39,34 +39,43 @@ def router_jitter(shape, layer: int, positions: jax.Array, tokens: jax.Array) ->
 
 
 class MoE(nnx.Module):
-  """Top-k routed experts: softmax over the k chosen router logits; dense dispatch over experts.
+  """Top-k routed SwiGLU experts, as HF's Qwen3MoeSparseMoeBlock (no shared expert).
 
-  Dense dispatch (every expert computes every token, then a weighted combine) costs E times the
-  FLOPs of one expert but is exact and simple; fine at the scales this project runs.
+  p = softmax(x @ W_router) over ALL experts in float32; the k largest p are kept and, when
+  `norm_topk_prob`, renormalised to sum to 1; y = sum_j p_j * expert_{e_j}(x) with the weights cast
+  to the activation dtype first. The router matmul runs in `Numerics.router_dtype` and the optional
+  jitter is added to its logits (routing flips, paper App. A). Dense dispatch (every expert computes
+  every token, then a weighted combine) costs E/k times the FLOPs but is exact and simple.
   """
 
-  def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs):
-    D, F, E = cfg.d_model, cfg.d_ff, cfg.n_experts
-    self.top_k = cfg.experts_top_k
+  def __init__(self, cfg, *, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+    D, F, E = cfg.d_model, cfg.moe_d_ff or cfg.d_ff, cfg.n_experts
+    self.top_k, self.norm_topk_prob = cfg.experts_top_k, cfg.norm_topk_prob
     out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
-    self.router = param(rngs, fan_in_init(D), (D, E), ("embed", "experts"), param_dtype)
-    self.w_gate = param(rngs, fan_in_init(D), (E, D, F), ("experts", "embed", "mlp"), param_dtype)
-    self.w_up = param(rngs, fan_in_init(D), (E, D, F), ("experts", "embed", "mlp"), param_dtype)
-    self.w_down = param(rngs, fan_in_init(F, out_scale), (E, F, D), ("experts", "mlp", "embed"),
-                        param_dtype)
+    p = lambda init, shape, names: param(rngs, init, shape, names, param_dtype, stack)
+    self.router = p(fan_in_init(D), (D, E), ("embed", "experts"))
+    self.w_gate = p(fan_in_init(D), (E, D, F), ("experts", "embed", "mlp"))
+    self.w_up = p(fan_in_init(D), (E, D, F), ("experts", "embed", "mlp"))
+    self.w_down = p(fan_in_init(F, out_scale), (E, F, D), ("experts", "mlp", "embed"))
 
-  def __call__(self, x, numerics: Numerics, *, layer: int, positions, tokens):
-    """x [B,L,D] -> (y [B,L,D], routes [B,L,k] int32)."""
+  def route(self, x, numerics: Numerics, *, layer, positions, tokens):
+    """(gates [B,L,k] float32, routes [B,L,k] int32): the top-k experts and their weights."""
     rdt = DTYPES[numerics.router_dtype]
     logits = jnp.einsum("bld,de->ble", x.astype(rdt), self.router[...].astype(rdt)).astype(jnp.float32)
     if numerics.router_jitter > 0:
       logits = logits + numerics.router_jitter * router_jitter(logits.shape, layer, positions, tokens)
-    top_vals, routes = jax.lax.top_k(logits, self.top_k)
-    gates = jax.nn.softmax(top_vals, axis=-1)
-    combine = jnp.sum(jax.nn.one_hot(routes, logits.shape[-1], dtype=jnp.float32) * gates[..., None],
-                      axis=-2)  # [B,L,E], zero for unchosen experts
+    gates, routes = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), self.top_k)
+    if self.norm_topk_prob:
+      gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return gates, routes.astype(jnp.int32)
+
+  def __call__(self, x, numerics: Numerics, *, layer, positions, tokens):
+    """x [B,L,D] -> (y [B,L,D], routes [B,L,k] int32). `layer` may be traced (scan over layers)."""
+    gates, routes = self.route(x, numerics, layer=layer, positions=positions, tokens=tokens)
+    gates = gates.astype(numerics.act)
+    E = self.router[...].shape[-1]
+    combine = jnp.sum(jax.nn.one_hot(routes, E, dtype=gates.dtype) * gates[..., None], axis=-2)  # [B,L,E]
     g = jnp.einsum("bld,edf->blef", x, numerics.w(self.w_gate[...]))
     u = jnp.einsum("bld,edf->blef", x, numerics.w(self.w_up[...]))
     y = jnp.einsum("blef,efd->bled", jax.nn.silu(g) * u, numerics.w(self.w_down[...]))
-    y = jnp.einsum("bled,ble->bld", y, combine.astype(y.dtype))
-    return y, routes.astype(jnp.int32)
+    return jnp.einsum("bled,ble->bld", y, combine), routes

@@ -1,168 +1,87 @@
 """Decoder-only transformer policy (dense or MoE) in Flax NNX, with a KV cache and `Numerics`.
 
-Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, experts); build the
-model under `nnx.use_eager_sharding(False)` and place it with trm_jax.sharding.
+The layers' parameters are stacked (a leading "layers" axis) and the forward pass runs them with one
+`lax.scan`, so compile time does not grow with depth; `ModelConfig.scan_layers=False` unrolls a Python
+loop over the same parameters (for comparison). Parameter tree (logical axes in brackets):
+
+  embed [V,D] (vocab, embed)
+  layers.{attn_norm,mlp_norm}.scale [L,D]; layers.attn.{wq [L,D,H,Dh], wk/wv [L,D,K,Dh], wo [L,H,Dh,D]},
+    optional layers.attn.{bq [L,H,Dh], bk/bv [L,K,Dh]} (qkv_bias), bo [L,D] (o_bias),
+    {q_norm,k_norm}.scale [L,Dh] (qk_norm)
+  mlp.{w_gate,w_up [Ld,D,F], w_down [Ld,F,D]}: the dense layers `cfg.dense_layers`, in order
+  moe.{router [Lm,D,E], w_gate/w_up [Lm,E,D,Fm], w_down [Lm,E,Fm,D]}: the MoE layers `cfg.moe_layers`
+  final_norm.scale [D]; unembedding [D,V] unless tied.
+
+Irregular MoE layouts (HF decoder_sparse_step > 1 or mlp_only_layers) keep the two MLP stacks apart:
+the scan carries each layer's row index into its stack and a `lax.cond` picks the dense or MoE branch
+(both compiled once). Uniform models (all dense, all MoE) scan their MLP stack directly.
+Build the model under `nnx.use_eager_sharding(False)` and place it with trm_jax.sharding.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+import numpy as np
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
+from trm_jax import sharding as sharding_lib
 from trm_jax.models.layers import DTYPES, LEARNER, MLP, Attention, Numerics, RMSNorm, param
 from trm_jax.models.moe import MoE
+from trm_jax.models.presets import (  # noqa: F401  (re-exported)
+    ARCHS, DEFAULT_MAX_LEN, DIM_FIELDS, HF_PRESETS, KINDS, MOE_PRESET, PRESETS, ModelConfig,
+    default_model_config, model_config_from)
 
-KINDS = ("dense", "moe")
-
-# Presets; parameter counts exclude the embeddings (vocabularies here are character level).
-PRESETS = {
-    # ~80k: unit tests and laptop smoke runs.
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128),
-    # ~3M.
-    "small": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, d_ff=768),
-    # ~75M.
-    "base": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64, d_ff=2048),
-    # ~0.76B (+ embeddings), a Llama-like 1B shape.
-    "1b": dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632),
+# learner.remat: how the backward pass treats each layer's activations.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-MOE_PRESET = dict(n_experts=8, experts_top_k=2, moe_every=1)
-DIM_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-DEFAULT_MAX_LEN = 16384
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Static shape of the policy network."""
-
-  vocab_size: int
-  d_model: int
-  n_layers: int
-  n_heads: int
-  n_kv_heads: int
-  head_dim: int
-  d_ff: int
-  max_len: int = DEFAULT_MAX_LEN
-  rope_theta: float = 10000.0
-  kind: str = "dense"
-  n_experts: int = 0
-  experts_top_k: int = 0
-  moe_every: int = 1  # layer i is MoE iff i % moe_every == moe_every - 1
-  param_dtype: str = "float32"
-  tie_embeddings: bool = False
-
-  def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f"model.kind must be one of {KINDS}, got {self.kind!r}")
-    if self.param_dtype not in DTYPES:
-      raise ValueError(f"model.param_dtype must be one of {tuple(DTYPES)}, got {self.param_dtype!r}")
-    for f in ("vocab_size",) + DIM_FIELDS + ("max_len",):
-      if getattr(self, f) <= 0:
-        raise ValueError(f"model.{f} must be positive, got {getattr(self, f)}")
-    if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
-                       f"({self.n_kv_heads})")
-    if self.head_dim % 2:
-      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
-    if self.kind == "moe":
-      if not 0 < self.experts_top_k <= self.n_experts:
-        raise ValueError(f"model.experts_top_k must be in [1, n_experts={self.n_experts}], "
-                         f"got {self.experts_top_k}")
-      if not 0 < self.moe_every <= self.n_layers:
-        raise ValueError(f"model.moe_every must be in [1, n_layers], got {self.moe_every}")
-
-  def is_moe_layer(self, i: int) -> bool:
-    return self.kind == "moe" and i % self.moe_every == self.moe_every - 1
-
-  @property
-  def n_moe_layers(self) -> int:
-    return sum(self.is_moe_layer(i) for i in range(self.n_layers))
-
-
-def default_model_config() -> ml_collections.ConfigDict:
-  """The `model` config subtree; dimension fields of 0 take the value of the `size` preset."""
-  c = ml_collections.ConfigDict()
-  c.size = "tiny"  # tiny | small | base | 1b | custom (custom: every dimension field must be set)
-  c.kind = "dense"  # dense | moe
-  c.d_model = 0  # residual width
-  c.n_layers = 0  # transformer blocks
-  c.n_heads = 0  # query heads
-  c.n_kv_heads = 0  # key/value heads (grouped-query attention)
-  c.head_dim = 0  # per-head width; 0 with d_model/n_heads overridden -> d_model // n_heads
-  c.d_ff = 0  # SwiGLU hidden width (per expert for MoE)
-  c.n_experts = 0  # MoE experts (preset 8)
-  c.experts_top_k = 0  # experts chosen per token (preset 2)
-  c.moe_every = 0  # an MoE block every k layers (preset 1: every layer)
-  c.param_dtype = "float32"  # float32 | bfloat16: storage dtype of the parameters
-  c.max_len = 0  # longest prompt + response the model accepts (preset 16384)
-  c.rope_theta = 10000.0  # RoPE base
-  c.tie_embeddings = False  # unembedding = embedding transpose
-  return c
-
-
-def model_config_from(cfg_model, vocab_size: int) -> ModelConfig:
-  """Builds a `ModelConfig` from the `model` config subtree; explicit nonzero fields override the preset."""
-  get = lambda k, d=0: cfg_model.get(k, d) if hasattr(cfg_model, "get") else getattr(cfg_model, k, d)
-  size = get("size", "tiny")
-  if size == "custom":
-    dims = {}
-    for f in DIM_FIELDS:
-      if not get(f) and f != "head_dim":  # head_dim may follow from d_model // n_heads
-        raise ValueError(f"model.{f} must be set (nonzero) when model.size='custom'")
-  elif size in PRESETS:
-    dims = dict(PRESETS[size])
-  else:
-    raise ValueError(f"model.size must be one of {tuple(PRESETS) + ('custom',)}, got {size!r}")
-  for f in DIM_FIELDS:
-    if get(f):
-      dims[f] = int(get(f))
-  if not get("head_dim") and (get("d_model") or get("n_heads") or size == "custom"):
-    dims["head_dim"] = dims["d_model"] // dims["n_heads"]
-  kind = get("kind", "dense")
-  moe = {}
-  if kind == "moe":
-    moe = {f: int(get(f) or MOE_PRESET[f]) for f in MOE_PRESET}
-  return ModelConfig(
-      vocab_size=int(vocab_size), kind=kind, max_len=int(get("max_len") or DEFAULT_MAX_LEN),
-      rope_theta=float(get("rope_theta") or 10000.0), param_dtype=get("param_dtype", "float32"),
-      tie_embeddings=bool(get("tie_embeddings", False)), **dims, **moe)
 
 
 @struct.dataclass
 class KVCache:
-  """Per-layer keys/values [B, S, n_kv_heads, head_dim] in time order, key validity [B,S], next slot."""
+  """Keys/values of every layer [n_layers, B, S, n_kv_heads, head_dim] in time order (post-RoPE),
+  key validity [B,S], next slot."""
 
-  k: tuple
-  v: tuple
+  k: jax.Array
+  v: jax.Array
   valid: jax.Array  # [B,S] bool: slot holds a real (non-pad) token
   index: jax.Array  # int32 scalar: next slot to write; rows share it because prompts are left padded
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)); x + mlp_or_moe(norm(x))."""
+class Layers(nnx.Module):
+  """The attention half of every block, stacked over layers: attn_norm, attn, mlp_norm."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-    pdt = DTYPES[cfg.param_dtype]
-    self.layer = layer
-    self.attn_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs)
-    self.attn = Attention(cfg, param_dtype=pdt, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs)
-    self.is_moe = cfg.is_moe_layer(layer)
-    self.mlp = MoE(cfg, param_dtype=pdt, rngs=rngs) if self.is_moe else MLP(cfg, param_dtype=pdt, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, L = DTYPES[cfg.param_dtype], cfg.n_layers
+    self.attn_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs, eps=cfg.rms_norm_eps, stack=L)
+    self.attn = Attention(cfg, param_dtype=pdt, rngs=rngs, stack=L)
+    self.mlp_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs, eps=cfg.rms_norm_eps, stack=L)
 
-  def __call__(self, x, positions, tokens, key_valid, numerics, cache_kv=None, index=None):
-    a, kv = self.attn(self.attn_norm(x, numerics), positions, key_valid, numerics, cache_kv, index)
-    x = x + a
-    h = self.mlp_norm(x, numerics)
-    routes = None
-    if self.is_moe:
-      m, routes = self.mlp(h, numerics, layer=self.layer, positions=positions, tokens=tokens)
-    else:
-      m = self.mlp(h, numerics)
-    return x + m, kv, routes
+
+def constrain_batch_axis(x: jax.Array) -> jax.Array:
+  """Shards the layer scan's hidden state [B,S,D]: B over ("data", "fsdp"), D over "tensor" (each only
+  where it divides), when traced under a mesh context (`jax.sharding.use_abstract_mesh`); a no-op without
+  one. The learner does not switch it on yet (see learner.make_learner_step: results changed on a CPU mesh).
+
+  Why: XLA propagated the weights' fsdp sharding of "embed" onto the hidden state, so the remat
+  residuals [L,B,S,D] were sharded on D over fsdp only, with B whole and no split over tensor
+  (155 GB/chip at 8B, v5p fsdp=16 x tensor=4). Batch over fsdp alone gives the same bytes per chip;
+  the extra D-over-tensor split (Megatron-style sequence parallelism, on D) divides them by `tensor`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding_lib.BATCH + ("tensor",)) <= set(mesh.axis_names):
+    return x
+  fits = lambda dim, axes: dim % math.prod(mesh.shape[a] for a in axes) == 0
+  spec = [sharding_lib.BATCH if fits(x.shape[0], sharding_lib.BATCH) else None] + [None] * (x.ndim - 1)
+  if x.ndim >= 2 and fits(x.shape[-1], ("tensor",)):
+    spec[-1] = "tensor"
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 def logit_noise_matrix(d_model: int, vocab_size: int, df: float) -> jax.Array:
@@ -186,8 +105,11 @@ class Transformer(nnx.Module):
     pdt = DTYPES[cfg.param_dtype]
     self.embed = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                        ("vocab", "embed"), pdt)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs)
+    self.layers = Layers(cfg, rngs=rngs)
+    n_dense, n_moe = len(cfg.dense_layers), len(cfg.moe_layers)
+    self.mlp = MLP(cfg, cfg.d_ff, param_dtype=pdt, rngs=rngs, stack=n_dense) if n_dense else None
+    self.moe = MoE(cfg, param_dtype=pdt, rngs=rngs, stack=n_moe) if n_moe else None
+    self.final_norm = RMSNorm(cfg.d_model, param_dtype=pdt, rngs=rngs, eps=cfg.rms_norm_eps)
     if not cfg.tie_embeddings:
       self.unembedding = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(cfg.d_model)),
                                (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
@@ -195,12 +117,29 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, numerics: Numerics = LEARNER) -> KVCache:
     """An empty KV cache with `max_len` slots, stored in the activation dtype of `numerics`."""
     c = self.cfg
-    shape = (batch, max_len, c.n_kv_heads, c.head_dim)
-    zeros = lambda: jnp.zeros(shape, numerics.act)
-    return KVCache(k=tuple(zeros() for _ in range(c.n_layers)), v=tuple(zeros() for _ in range(c.n_layers)),
+    shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+    return KVCache(k=jnp.zeros(shape, numerics.act), v=jnp.zeros(shape, numerics.act),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
-  def hidden(self, tokens, positions, valid, *, numerics: Numerics = LEARNER, cache: KVCache | None = None):
+  def _layer_inputs(self, static: bool):
+    """Per-layer inputs of the scan: layer index, stacked attention params, MLP params / stack rows."""
+    c = self.cfg
+    is_moe = np.array([c.is_moe_layer(i) for i in range(c.n_layers)])
+    row = np.zeros(c.n_layers, np.int32)  # row of layer i in its own (dense or MoE) stack
+    row[list(c.dense_layers)] = np.arange(len(c.dense_layers))
+    row[list(c.moe_layers)] = np.arange(len(c.moe_layers))
+    arr = (lambda x: x) if static else jnp.asarray
+    xs = {"i": arr(np.arange(c.n_layers, dtype=np.int32)), "attn": nnx.state(self.layers)}
+    if self.moe is None:
+      xs["mlp"] = nnx.state(self.mlp)
+    elif self.mlp is None:
+      xs["moe"] = nnx.state(self.moe)
+    else:
+      xs["is_moe"], xs["row"] = arr(is_moe), arr(row)
+    return xs
+
+  def hidden(self, tokens, positions, valid, *, numerics: Numerics = LEARNER, cache: KVCache | None = None,
+             remat: str = "none"):
     """Final hidden states (after the final norm).
 
     Args:
@@ -208,32 +147,73 @@ class Transformer(nnx.Module):
       valid: [B,L] bool, False on padding (never attended to as a key).
       numerics: how to compute (see `Numerics`).
       cache: optional `KVCache`; the L tokens are written at `cache.index` and attend to the cache.
+      remat: rematerialisation policy of each layer in the backward pass (`REMAT_POLICIES`).
     Returns:
       (h [B,L,D] in numerics.dtype, updated cache or None, aux) with aux["routes"]
       [n_moe_layers, B, L, top_k] int32 for MoE models (aux is {} for dense).
     """
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"learner.remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}")
+    c = self.cfg
     x = self.embed[...].astype(DTYPES[numerics.weight_dtype]).astype(numerics.act)[tokens]
     valid = valid.astype(bool)
-    if cache is not None:
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    key_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    index = None if cache is None else cache.index
+    attn_def = nnx.graphdef(self.layers)
+    mlp_def = None if self.mlp is None else nnx.graphdef(self.mlp)
+    moe_def = None if self.moe is None else nnx.graphdef(self.moe)
+    mlp_stack = None if self.mlp is None else nnx.state(self.mlp)
+    moe_stack = None if self.moe is None else nnx.state(self.moe)
+    k_routes = c.experts_top_k if self.moe is not None else 0
+
+    def dense(h, p):
+      return nnx.merge(mlp_def, p)(h, numerics), jnp.zeros(h.shape[:2] + (k_routes,), jnp.int32)
+
+    def moe(h, p, i):
+      return nnx.merge(moe_def, p)(h, numerics, layer=i, positions=positions, tokens=tokens)
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      x = constrain_batch_axis(x)
+      i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
+      kv = None if ck is None else (ck[i], cv[i])
+      a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index)
+      if ck is not None:  # write only the new tokens' slots (in place inside the scan)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
+      x = x + a
+      h = lyr.mlp_norm(x, numerics)
+      if "mlp" in xs:
+        m, routes = dense(h, xs["mlp"])
+      elif "moe" in xs:
+        m, routes = moe(h, xs["moe"], i)
+      else:  # irregular MoE layout: index each stack by the layer's row
+        take = lambda stack: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, xs["row"], keepdims=False), stack)
+        if isinstance(xs["is_moe"], np.bool_):  # unrolled: the branch is known at trace time
+          m, routes = moe(h, take(moe_stack), i) if xs["is_moe"] else dense(h, take(mlp_stack))
+        else:
+          m, routes = jax.lax.cond(xs["is_moe"], lambda h: moe(h, take(moe_stack), i),
+                                   lambda h: dense(h, take(mlp_stack)), h)
+      return (constrain_batch_axis(x + m), ck, cv), routes
+
+    if remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not c.scan_layers)
+    carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
+    if c.scan_layers:
+      (x, ck, cv), routes = jax.lax.scan(body, carry, self._layer_inputs(static=False))
     else:
-      key_valid = valid
-    new_k, new_v, routes = [], [], []
-    for i, block in enumerate(self.blocks):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      idx = None if cache is None else cache.index
-      x, (k, v), r = block(x, positions, tokens, key_valid, numerics, kv, idx)
-      new_k.append(k)
-      new_v.append(v)
-      if r is not None:
-        routes.append(r)
+      xs, outs = self._layer_inputs(static=True), []
+      for i in range(c.n_layers):
+        carry, r = body(carry, jax.tree.map(lambda a: a[i], xs))
+        outs.append(r)
+      (x, ck, cv), routes = carry, jnp.stack(outs)
     h = self.final_norm(x, numerics)
     if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
-                      index=cache.index + tokens.shape[1])
-    aux = {"routes": jnp.stack(routes)} if routes else {}
+      cache = KVCache(k=ck, v=cv, valid=key_valid, index=cache.index + tokens.shape[1])
+    aux = {}
+    if self.moe is not None:
+      aux["routes"] = routes if self.mlp is None else routes[np.array(c.moe_layers)]
     return h, cache, aux
-
   def unembed(self, h, *, numerics: Numerics = LEARNER) -> jax.Array:
     """Logits [..., V] float32 from hidden states [..., D].
 
@@ -249,9 +229,9 @@ class Transformer(nnx.Module):
           "...d,dv->...v", h.astype(jnp.float32), noise)
     return logits
 
-  def __call__(self, tokens, positions, valid, *, numerics: Numerics = LEARNER) -> jax.Array:
+  def __call__(self, tokens, positions, valid, *, numerics: Numerics = LEARNER, remat: str = "none") -> jax.Array:
     """Logits [B,L,V] float32 of a full (uncached) forward."""
-    h, _, _ = self.hidden(tokens, positions, valid, numerics=numerics)
+    h, _, _ = self.hidden(tokens, positions, valid, numerics=numerics, remat=remat)
     return self.unembed(h, numerics=numerics)
 
 

@@ -19,7 +19,7 @@ class RolloutBatch:
     response: [B, T] int32; response_mask: [B, T] (1 up to and including EOS).
     rollout_logp: [B, T] float32, log-prob of each sampled token under the distribution the rollout
       engine actually sampled from (after temperature / top-p / top-k).
-    rewards: [B] float32 in [0, 1].
+    rewards: [B] float32 (synthetic tasks: in [0, 1]; the DAPO text reward: +1 / -1, 0 on a checker timeout).
     rollout_logits: [B, T, V] or None (trm.source = stored).
     rollout_topk_logp, rollout_topk_ids: [B, T, K] or None (trm.source = topk).
     group_size: G, static.

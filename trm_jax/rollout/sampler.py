@@ -3,13 +3,22 @@
 The rollout policy pi_roll of the paper is whatever this computes under a backend's `Numerics`; `logp`
 is the log-prob of each sampled token under the distribution actually sampled from
 (`sampling.processed_logprobs`), which the learner recomputes to measure the mismatch.
+
+Decoding is a `lax.while_loop` over the per-token step that exits as soon as every row has emitted a
+stop id, so a batch whose answers end early never pays for the configured maximum length (the DAPO
+recipe allows 20k tokens); the program is compiled once per shape. `loop="scan"` runs the same step to
+the maximum length (the reference the while loop is tested against, and fixed-length benchmarks).
+With `group_size=G` the G rows of a group share one prefill: the prompt is run once and its KV cache
+broadcast G times.
 """
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from trm_jax.models import LEARNER, Numerics
@@ -17,16 +26,19 @@ from trm_jax.models.transformer import positions_from_valid
 from trm_jax.rollout.sampling import check_sampling_args, processed_logprobs
 
 KERNELS = ("cached", "full")
+LOOPS = ("while", "scan")
 
 
 @struct.dataclass
 class SampleOutput:
   """Sampled responses; row i continues prompt i (responses start at array slot P).
 
-  tokens [B,T] int32 (pad after EOS); mask [B,T] float32 (1 up to and including EOS); logp [B,T]
-  float32 (processed distribution, 0 where mask is 0); logits [B,T,V] float32 raw rollout logits (before
-  temperature/top-k/top-p) or None; topk_logp / topk_ids [B,T,K] top-K of the processed log-probs or
-  None; routes [n_moe_layers,B,T,k] int32 expert choices of the response tokens (MoE) or None.
+  tokens [B,T] int32 (pad after the stop token); mask [B,T] float32 (1 up to and including the stop
+  token); logp [B,T] float32 (processed distribution, 0 where mask is 0); logits [B,T,V] float32 raw
+  rollout logits (before temperature/top-k/top-p) or None; topk_logp / topk_ids [B,T,K] top-K of the
+  processed log-probs or None; routes [n_moe_layers,B,T,k] int32 expert choices of the response tokens
+  (MoE) or None; clipped [B] bool: the row reached T tokens without a stop id (cut at max length).
+  Where mask is 0 the logits / top-k / routes are unspecified (zero once the whole batch has stopped).
   """
 
   tokens: jax.Array
@@ -36,6 +48,12 @@ class SampleOutput:
   topk_logp: jax.Array | None = None
   topk_ids: jax.Array | None = None
   routes: jax.Array | None = None
+  clipped: jax.Array | None = None
+
+
+def clip_frac(out: SampleOutput) -> jax.Array:
+  """`response/clip_frac`: fraction of rows cut at max length (no stop id within T tokens)."""
+  return jnp.mean(out.clipped.astype(jnp.float32))
 
 
 def sequence_inputs(prompt, prompt_mask, response, response_mask=None):
@@ -51,7 +69,7 @@ def sequence_inputs(prompt, prompt_mask, response, response_mask=None):
   return tokens, positions_from_valid(valid), valid
 
 
-def _choose(logits, t, done, rng, eos_id, pad_id, temperature, top_p, top_k, return_logits, topk):
+def _choose(logits, t, done, rng, stop_ids, pad_id, temperature, top_p, top_k, return_logits, topk):
   """Samples one token per row from `logits` [B,V]; returns (per-step outputs, new done)."""
   lp = processed_logprobs(logits, temperature, top_p, top_k)
   tok = jax.random.categorical(jax.random.fold_in(rng, t), lp, axis=-1).astype(jnp.int32)
@@ -63,29 +81,83 @@ def _choose(logits, t, done, rng, eos_id, pad_id, temperature, top_p, top_k, ret
     out["logits"] = logits.astype(jnp.float32)
   if topk:
     out["topk_logp"], out["topk_ids"] = jax.lax.top_k(lp, topk)
-  return out, done | (live & (tok == eos_id))
+  stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+  return out, done | (live & stopped)
 
 
-def _sample_impl(graphdef, params, prompt, prompt_mask, rng, eos_id, pad_id, *, max_new_tokens,
-                 temperature, top_p, top_k, numerics, kernel, return_logits, topk):
+def _decode(step, carry0, done_of, T: int, loop: str, pad_id):
+  """Runs `step(carry, t) -> (carry, out)` for t = 0.. and stacks the outputs time-major [T, ...].
+
+  "while" stops once `done_of(carry)` is all True; the slots never written keep their initial value,
+  which is what the step itself emits for finished rows (pad token, mask 0, logp 0). Returns
+  (outputs, final done).
+  """
+  if loop == "scan":
+    carry, outs = jax.lax.scan(step, carry0, jnp.arange(T))
+    return outs, done_of(carry)
+  shapes = jax.eval_shape(lambda c: step(c, jnp.int32(0))[1], carry0)
+  bufs = {k: (jnp.full((T,) + s.shape, pad_id, s.dtype) if k == "tokens" else jnp.zeros((T,) + s.shape, s.dtype))
+          for k, s in shapes.items()}
+
+  def cond(state):
+    t, carry, _ = state
+    return (t < T) & ~jnp.all(done_of(carry))
+
+  def body(state):
+    t, carry, bufs = state
+    carry, out = step(carry, t)
+    bufs = {k: jax.lax.dynamic_update_index_in_dim(bufs[k], out[k].astype(bufs[k].dtype), t, 0) for k in bufs}
+    return t + 1, carry, bufs
+
+  _, carry, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), carry0, bufs))
+  return outs, done_of(carry)
+
+
+def _broadcast_cache(model, cache, group_size: int, n_prompts: int, max_len: int, numerics):
+  """Repeats every row of a cache built for `n_prompts` rows `group_size` times (contiguous groups).
+
+  The batch axis of each leaf is found by comparing the abstract caches of both batch sizes, so any
+  cache layout (per-layer tuples, layer-stacked arrays) works.
+  """
+  small = jax.eval_shape(lambda: model.init_cache(n_prompts, max_len, numerics))
+  big = jax.eval_shape(lambda: model.init_cache(n_prompts * group_size, max_len, numerics))
+
+  def rep(x, s, b):
+    axes = [i for i, (m, n) in enumerate(zip(s.shape, b.shape)) if m != n]
+    if not axes:
+      return x
+    if len(axes) != 1 or b.shape[axes[0]] != s.shape[axes[0]] * group_size:
+      raise ValueError(f"cannot find the batch axis of a KV-cache leaf: {s.shape} vs {b.shape}")
+    return jnp.repeat(x, group_size, axis=axes[0])
+
+  return jax.tree.map(rep, cache, small, big)
+
+
+def _sample_impl(graphdef, params, prompt, prompt_mask, rng, stop_ids, pad_id, *, max_new_tokens,
+                 temperature, top_p, top_k, numerics, kernel, return_logits, topk, group_size, loop):
   model = nnx.merge(graphdef, params)
   B, P = prompt.shape
   T = max_new_tokens
   if P + T > model.cfg.max_len:
     raise ValueError(f"prompt length {P} + max_new_tokens {T} exceeds model.max_len {model.cfg.max_len}")
-  choose = functools.partial(_choose, rng=rng, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+  choose = functools.partial(_choose, rng=rng, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
                              top_p=top_p, top_k=top_k, return_logits=return_logits, topk=topk)
   n_valid = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
   done0 = jnp.zeros((B,), bool)
   moe = model.cfg.n_moe_layers > 0
 
   if kernel == "cached":
-    # The cache is created inside this program, so the scan carry updates it in place: no copies,
-    # nothing to donate across the jit boundary.
-    cache = model.init_cache(B, P + T, numerics)
-    h, cache, _ = model.hidden(prompt, positions_from_valid(prompt_mask), prompt_mask,
+    # The cache is created inside this program, so the loop carry updates it in place: no copies,
+    # nothing to donate across the jit boundary. A group's rows share one prefill (same prompt).
+    n = B // group_size
+    first = lambda x: x[::group_size] if group_size > 1 else x
+    cache = model.init_cache(n, P + T, numerics)
+    h, cache, _ = model.hidden(first(prompt), positions_from_valid(first(prompt_mask)), first(prompt_mask),
                                numerics=numerics, cache=cache)
     logits0 = model.unembed(h[:, -1], numerics=numerics)
+    if group_size > 1:
+      cache = _broadcast_cache(model, cache, group_size, n, P + T, numerics)
+      logits0 = jnp.repeat(logits0, group_size, axis=0)
 
     def step(carry, t):
       cache, logits, done = carry
@@ -97,7 +169,7 @@ def _sample_impl(graphdef, params, prompt, prompt_mask, rng, eos_id, pad_id, *, 
         out["routes"] = aux["routes"][:, :, 0]
       return (cache, model.unembed(h[:, 0], numerics=numerics), done), out
 
-    _, outs = jax.lax.scan(step, (cache, logits0, done0), jnp.arange(T))
+    outs, done = _decode(step, (cache, logits0, done0), lambda c: c[2], T, loop, pad_id)
     routes = jnp.moveaxis(outs.pop("routes"), 0, 2) if moe else None
   else:
     buf0 = jnp.concatenate([prompt, jnp.full((B, T), pad_id, jnp.int32)], axis=1)
@@ -113,54 +185,74 @@ def _sample_impl(graphdef, params, prompt, prompt_mask, rng, eos_id, pad_id, *, 
       buf = jax.lax.dynamic_update_slice(buf, out["tokens"][:, None], (0, P + t))
       return (buf, done), out
 
-    (buf, _), outs = jax.lax.scan(step, (buf0, done0), jnp.arange(T))
+    outs, done = _decode(step, (buf0, done0), lambda c: c[1], T, loop, pad_id)
     routes = None
     if moe:
-      _, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, buf[:, P:]), numerics=numerics)
+      response = jnp.moveaxis(outs["tokens"], 0, 1)
+      _, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, response), numerics=numerics)
       routes = aux["routes"][:, :, P:]
 
   bt = lambda x: None if x is None else jnp.moveaxis(x, 0, 1)  # [T,B,...] -> [B,T,...]
   return SampleOutput(tokens=bt(outs["tokens"]), mask=bt(outs["mask"]), logp=bt(outs["logp"]),
                       logits=bt(outs.get("logits")), topk_logp=bt(outs.get("topk_logp")),
-                      topk_ids=bt(outs.get("topk_ids")), routes=routes)
+                      topk_ids=bt(outs.get("topk_ids")), routes=routes, clipped=~done)
 
 
 _sample_jit = jax.jit(
     _sample_impl, static_argnums=(0,),
     static_argnames=("max_new_tokens", "temperature", "top_p", "top_k", "numerics", "kernel",
-                     "return_logits", "topk"))
+                     "return_logits", "topk", "group_size", "loop"))
+
+
+def stop_id_array(eos_id: int | Sequence[int]) -> jax.Array:
+  """[K] int32 stop ids from one id or a sequence of ids (e.g. a tokenizer's EOS and end-of-turn)."""
+  ids = [int(eos_id)] if np.ndim(eos_id) == 0 else [int(i) for i in eos_id]
+  if not ids:
+    raise ValueError("eos_id: give at least one stop id (use -1 for 'never stop')")
+  return jnp.asarray(ids, jnp.int32)
 
 
 def sample(graphdef, params, prompt, prompt_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, top_k: int = 0, eos_id: int = 2, pad_id: int = 0,
+           top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] = 2, pad_id: int = 0,
            numerics: Numerics = LEARNER, kernel: str = "cached", return_logits: bool = False,
-           topk: int = 0) -> SampleOutput:
-  """Samples `max_new_tokens` response tokens per prompt (one compiled program per shape/settings).
+           topk: int = 0, group_size: int = 1, loop: str = "while") -> SampleOutput:
+  """Samples up to `max_new_tokens` response tokens per prompt (one compiled program per shape/settings).
 
   Args:
     graphdef, params: from `nnx.split(model)` (params: the nnx.State, possibly sharded).
     prompt: [B,P] int32, LEFT padded; prompt_mask: [B,P] (0 on the left padding).
     rng: a PRNG key; the output is a deterministic function of it. Step t uses fold_in(rng, t).
-    max_new_tokens: T. temperature / top_p / top_k: see `sampling.processed_logprobs`.
-    eos_id, pad_id: after EOS a row emits pad with mask 0 (traced: changing them does not recompile).
+    max_new_tokens: T (the output's static length).
+    temperature / top_p / top_k: see `sampling.processed_logprobs`.
+    eos_id: one stop id or a sequence of them (any one ends a row); after it a row emits `pad_id` with
+      mask 0. Traced: other values of the same count do not recompile. -1 never fires.
     numerics: how the rollout engine computes (a backend's `Numerics`).
     kernel: "cached" (prefill + KV-cache decode) or "full" (full forward per step; reference / baseline).
     return_logits: also return the raw rollout logits [B,T,V].
     topk: if > 0, also return the top-`topk` processed log-probs and their token ids.
+    group_size: G; rows i*G .. i*G+G-1 must hold the same prompt: the cached kernel prefills it once
+      and broadcasts its KV cache (same outputs as G = 1, G times less prefill).
+    loop: "while" (stop once every row has stopped) or "scan" (always T steps).
   """
   check_sampling_args(temperature, top_p, top_k)
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
   if max_new_tokens <= 0 or topk < 0:
     raise ValueError(f"max_new_tokens must be > 0 and topk >= 0, got {max_new_tokens}, {topk}")
+  if group_size < 1 or prompt.shape[0] % group_size:
+    raise ValueError(f"group_size must be >= 1 and divide the batch {prompt.shape[0]}, got {group_size}")
   return _sample_jit(graphdef, params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask).astype(bool),
-                     rng, jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
+                     rng, stop_id_array(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), numerics=numerics,
-                     kernel=kernel, return_logits=bool(return_logits), topk=int(topk))
+                     kernel=kernel, return_logits=bool(return_logits), topk=int(topk),
+                     group_size=int(group_size), loop=loop)
 
 
 def sample_groups(graphdef, params, prompt, prompt_mask, rng, *, group_size: int, **kwargs) -> SampleOutput:
-  """`sample` with each prompt repeated `group_size` times contiguously (rows i*G .. i*G+G-1)."""
+  """`sample` with each prompt repeated `group_size` times contiguously (rows i*G .. i*G+G-1), one
+  prefill per prompt."""
   prompt = jnp.repeat(jnp.asarray(prompt), group_size, axis=0)
   prompt_mask = jnp.repeat(jnp.asarray(prompt_mask), group_size, axis=0)
-  return sample(graphdef, params, prompt, prompt_mask, rng, **kwargs)
+  return sample(graphdef, params, prompt, prompt_mask, rng, group_size=group_size, **kwargs)

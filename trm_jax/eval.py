@@ -1,0 +1,202 @@
+"""Evaluation: avg@k and pass@k of the current policy on held-out sets, with the eval's own sampling settings.
+
+Each problem of an eval set is sampled k = `eval.k` times (temperature `eval.temperature`, top-p
+`eval.top_p`, up to `eval.max_new_tokens` tokens; the k samples share one prefill). With c_i of the k
+samples of problem i correct (N problems):
+
+  avg@k  = (1/N) sum_i c_i / k                         (the paper's AIME25 avg@32, Sec. 4)
+  pass@j = (1/N) sum_i [1 - C(k - c_i, j) / C(k, j)]   for j <= k
+
+pass@j is the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, eq. 1) of the probability that
+at least one of j samples is correct; for j = k it is the fraction of problems with any correct sample.
+
+Metrics per set (`eval.sets`, "" = the training task's validation split): `eval/<set>/avg@<k>`,
+`eval/<set>/pass@<j>` (j = k and every j of `eval.pass_k`), `eval/<set>/reward_mean`,
+`eval/<set>/response_length_mean`, `eval/<set>/clip_frac`; the first set is also logged under the older
+names `eval/reward_mean`, `eval/solved_frac` (= avg@k) and `eval/response_length_mean`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from trm_jax import config as config_lib
+from trm_jax import sharding as sharding_lib
+from trm_jax.data import pipeline, tasks
+from trm_jax.policy import host_all
+from trm_jax.rollout import sampler as sampler_lib
+
+# ----------------------------------------------------------------------------- the estimators
+
+
+def avg_at_k(correct) -> float:
+  """avg@k = mean over problems and samples of `correct` [N, k] (bool / 0-1)."""
+  correct = np.asarray(correct, np.float64)
+  if correct.ndim != 2 or not correct.size:
+    raise ValueError(f"correct must be [N problems, k samples], got shape {correct.shape}")
+  return float(correct.mean())
+
+
+def pass_at_k(correct, k: int) -> float:
+  """pass@k from n >= k samples per problem (`correct` [N, n]): mean_i 1 - C(n - c_i, k) / C(n, k).
+
+  Unbiased (Chen et al. 2021); computed as 1 - prod_{m = n-c+1}^{n} (1 - k / m), which never forms the
+  large binomials. n = k reduces to "any sample correct".
+  """
+  correct = np.asarray(correct, bool)
+  if correct.ndim != 2 or not correct.size:
+    raise ValueError(f"correct must be [N problems, n samples], got shape {correct.shape}")
+  n = correct.shape[1]
+  if not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 1 <= k <= n samples per problem, got k={k}, n={n}")
+  out = []
+  for c in correct.sum(1):
+    out.append(1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1))))
+  return float(np.mean(out))
+
+
+# ----------------------------------------------------------------------------- eval sets
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """One eval set: its task (scores responses) and every problem as numpy arrays [N, ...]."""
+
+  name: str
+  task: Any
+  data: dict  # prompt [N,P], prompt_mask [N,P], answer [N,A], answer_mask [N,A]
+
+  @property
+  def size(self) -> int:
+    return len(self.data["prompt"])
+
+
+def set_names(config) -> list[str]:
+  """The eval sets `eval.sets` names ("" = the training task itself, on its validation split)."""
+  names = [s.strip() for s in config.eval.sets.split(",") if s.strip()]
+  return names or [config.data.task]
+
+
+def load_eval_sets(config, tokenizer=None) -> list[EvalSet]:
+  """Reads every eval set whole on every process (eval sets are small: AIME has 30 problems)."""
+  out = []
+  for name in set_names(config):
+    data_cfg = config_lib.with_overrides(config, {"data.task": name}).data
+    task = tasks.task_from_config(data_cfg, tokenizer) if tasks.is_text_task(name) else \
+        tasks.task_from_config(data_cfg)
+    if getattr(task, "is_text", False):
+      split, total = "test", len(task.source("test"))
+      n = min(config.eval.num_prompts, total) if config.eval.num_prompts else total
+    else:
+      split, n = "validation", config.eval.num_prompts or config.data.num_eval
+    it = pipeline.make_iterator(data_cfg, split, batch_size=n, seed=config.seed, shuffle=False, num_epochs=1,
+                                rows=np.arange(n))
+    batch = next(it)
+    out.append(EvalSet(name, task, {k: np.asarray(batch[k]) for k in
+                                    ("prompt", "prompt_mask", "answer", "answer_mask")}))
+  return out
+
+
+def prompts_per_call(config, n_problems: int, divisor: int) -> int:
+  """Problems per sampler call: eval.batch_prompts (0 = all), rounded up so that x k rows shard evenly."""
+  k = config.eval.k
+  m = min(config.eval.batch_prompts or n_problems, n_problems)
+  step = divisor // math.gcd(divisor, k)  # m * k % divisor == 0 iff m % step == 0
+  return -(-m // step) * step
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+def make_evaluator(config, *, mesh, graphdef, tokenizer, numerics, sets: list[EvalSet] | None = None):
+  """evaluate(params, rng) -> {metric: float} over every eval set (module docstring), or None if eval is off.
+
+  Args:
+    config: the run config (`eval.*` sampling settings, `data.*` for the sets).
+    mesh: the run's mesh; each sampler call holds prompts x k rows sharded on the batch axes.
+    graphdef: the policy's NNX graph (params come with each call).
+    tokenizer: stop ids (`stop_ids`, else `eos_id`) and `pad_id`; text sets also read prompts with it.
+    numerics: how the eval samples (the learner's, or the rollout backend's with eval.rollout_numerics).
+    sets: the eval sets (default: `load_eval_sets(config, tokenizer)`).
+  """
+  ec = config.eval
+  if not ec.every and not ec.at_start:
+    return None
+  sets = load_eval_sets(config, tokenizer) if sets is None else sets
+  stop_ids = tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
+  div = sharding_lib.batch_divisor(mesh)
+
+  def sampler_for(T: int):
+    # sampler.sample is compiled once per shape and settings (shared with the rollout's when they agree).
+    return lambda params, prompt, mask, rng: sampler_lib.sample(
+        graphdef, params, prompt, mask, rng, max_new_tokens=T, temperature=ec.temperature, top_p=ec.top_p,
+        eos_id=stop_ids, pad_id=tokenizer.pad_id, numerics=numerics, kernel="cached", group_size=ec.k)
+
+  device_reward = {}
+
+  def score(es: EvalSet, out, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(reward [B], correct [B], extra metrics) of a call's rows (global problem index per row)."""
+    answer, answer_mask = es.data["answer"][rows], es.data["answer_mask"][rows]
+    if getattr(es.task, "is_text", False):
+      r = es.task.reward_host(host_all(out.tokens), host_all(out.mask), answer, answer_mask)
+      return np.asarray(r.reward, np.float64), np.asarray(r.correct, bool), dict(r.metrics)
+    if es.name not in device_reward:
+      device_reward[es.name] = jax.jit(es.task.reward)
+    sharded = sharding_lib.shard_batch(_local({"answer": answer, "answer_mask": answer_mask}, mesh), mesh)
+    reward = host_all(device_reward[es.name](out.tokens, out.mask, sharded["answer"], sharded["answer_mask"]))
+    return reward.astype(np.float64), reward >= 1.0, {}
+
+  def evaluate(params, rng) -> dict:
+    metrics = {}
+    for s, es in enumerate(sets):
+      T = ec.max_new_tokens or es.task.response_len
+      sample = sampler_for(T)
+      m = prompts_per_call(config, es.size, div)
+      n_calls = -(-es.size // m)
+      correct = np.zeros((n_calls * m, ec.k), bool)
+      reward = np.zeros((n_calls * m, ec.k))
+      length = np.zeros((n_calls * m, ec.k))
+      clipped = np.zeros((n_calls * m, ec.k))
+      extra: dict[str, float] = {}
+      for c in range(n_calls):
+        # Problems c*m .. c*m+m-1; past the end the last problem is repeated and dropped from the metrics.
+        problems = np.minimum(np.arange(c * m, (c + 1) * m), es.size - 1)
+        rows = np.repeat(problems, ec.k)
+        batch = sharding_lib.shard_batch(_local({"prompt": es.data["prompt"][rows],
+                                                 "prompt_mask": es.data["prompt_mask"][rows]}, mesh), mesh)
+        out = sample(params, batch["prompt"], batch["prompt_mask"], jax.random.fold_in(jax.random.fold_in(rng, s), c))
+        r, ok, more = score(es, out, rows)
+        sl = slice(c * m, (c + 1) * m)
+        correct[sl], reward[sl] = ok.reshape(m, ec.k), r.reshape(m, ec.k)
+        length[sl] = host_all(out.mask).sum(-1).reshape(m, ec.k)
+        clipped[sl] = host_all(out.clipped).reshape(m, ec.k)
+        for key, v in more.items():  # counts add up over calls; fractions and means are averaged
+          extra[key] = extra.get(key, 0.0) + float(v) / (1 if key.endswith(("timeouts", "errors")) else n_calls)
+      n = es.size
+      correct, reward, length, clipped = correct[:n], reward[:n], length[:n], clipped[:n]
+      p = f"eval/{es.name}/"
+      metrics[f"{p}avg@{ec.k}"] = avg_at_k(correct)
+      for j in sorted({ec.k, *(int(j) for j in ec.pass_k if int(j) <= ec.k)}):
+        metrics[f"{p}pass@{j}"] = pass_at_k(correct, j)
+      metrics[f"{p}reward_mean"] = float(reward.mean())
+      metrics[f"{p}response_length_mean"] = float(length.mean())
+      metrics[f"{p}clip_frac"] = float(clipped.mean())
+      metrics.update({f"{p}{k.replace('reward/', 'reward_')}": v for k, v in extra.items()})
+      if s == 0:
+        metrics.update({"eval/reward_mean": metrics[f"{p}reward_mean"], "eval/solved_frac": metrics[f"{p}avg@{ec.k}"],
+                        "eval/response_length_mean": metrics[f"{p}response_length_mean"]})
+    return metrics
+
+  return evaluate
+
+
+def _local(tree: dict, mesh) -> dict:
+  """This process's rows of a global numpy batch (all rows on one process)."""
+  if jax.process_count() == 1:
+    return tree
+  rows = sharding_lib.host_rows(mesh, len(next(iter(tree.values()))))
+  return {k: v[rows] for k, v in tree.items()}
