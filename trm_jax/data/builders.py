@@ -63,7 +63,19 @@ def _predefined() -> list[TaskConfig]:
   return out
 
 
-class TrmTasks(tfds.core.GeneratorBasedBuilder):
+class QuietBuild:
+  """Mixin for builders that download nothing: TFDS's "Downloading and preparing dataset ..." banner would
+  mislead (issue 14); one line says where the dataset was written instead."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    config = f"/{self.builder_config.name}" if self.builder_config is not None else ""
+    print(f"[trm_jax] prepared dataset {self.name}{config} in {self.data_dir}", flush=True)
+
+
+class TrmTasks(QuietBuild, tfds.core.GeneratorBasedBuilder):
   """Synthetic verifiable tasks (see `trm_jax.data.tasks`), generated without any download."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -73,13 +85,6 @@ class TrmTasks(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format="array_record", **kwargs):
     # array_record is what gives random access (tfds.data_source / grain) without TensorFlow.
     super().__init__(file_format=file_format, **kwargs)
-
-  # Nothing is downloaded: TFDS's "Downloading and preparing dataset ..." banner would mislead (issue 14).
-  def _log_download_bytes(self) -> None:
-    pass
-
-  def _log_download_done(self) -> None:
-    print(f"[trm_jax] generated dataset {self.name}/{self.builder_config.name} in {self.data_dir}", flush=True)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from trm_jax.data.builders import QuietBuild
+
 # The DAPO-Math-17k instruction around each problem (verbatim from the released parquet).
 DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of "
                "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
@@ -109,7 +111,7 @@ def dedup_key(problem: str) -> str:
   return " ".join(problem.split())
 
 
-class _ManualMath(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _ManualMath(QuietBuild, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared logic: read matching files from the manual dir into deduplicated examples."""
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.",
