@@ -19,7 +19,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -31,9 +30,8 @@ from trm_jax import logprobs as lp
 from trm_jax import metrics as metrics_lib
 from trm_jax import policy as policy_lib
 from trm_jax import sharding as sharding_lib
-from trm_jax.data import pipeline, tasks
-from trm_jax.data.tokenizer import Tokenizer
-from trm_jax.models import Transformer, model_config_from
+from trm_jax.data import pipeline
+from trm_jax.models import Transformer
 from trm_jax.rollout import sampler as sampler_lib
 from trm_jax.rollout.backends import backend_from_config
 from trm_jax.rollout.batch import RolloutBatch
