@@ -1,4 +1,6 @@
 """Tokenizer and synthetic tasks: lengths vs horizon, generated solutions are correct, rewards."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -235,7 +237,7 @@ def test_score_is_the_reward_on_host_arrays_with_range_and_stats():
   assert (lo, hi) == (0.0, 1.0) and min(want) == lo and max(want) == hi  # both ends are attained
   assert task.device_reward is not None and task.has_warmstart_targets and task.eval_split == "validation"
   assert task.tokenizer.decode(r[0]) == ex.solution
-  sized = tasks.dataclasses.replace(task, num_train=10, num_eval=3)
+  sized = dataclasses.replace(task, num_train=10, num_eval=3)
   assert sized.stats("train") == {"prompts": 10.0, "prompts_dropped_long": 0.0}
   assert sized.stats("test") == sized.stats("validation") == {"prompts": 3.0, "prompts_dropped_long": 0.0}
   with pytest.raises(ValueError, match="'dev'"):

@@ -19,6 +19,10 @@ Reward (`answer_reward`): the answer is the text between the LAST `=` and the fi
 the reference answer exactly; if the response is well formed (EOS inside the mask, a `=` before it) and the
 extracted answer has the reference's length, partial credit `0.5 * (fraction of answer characters
 correct)` (so a wrong single-digit answer gets 0); otherwise 0 (truncated: no EOS; malformed: no `=`).
+
+A `Task` answers what a text task (text_tasks.py) answers: `score` (the jnp reward run on the host's
+CPU: numpy in, `RewardOutput` out), `reward_range` = (0, 1), `stats(split)`, `tokenizer`, `eval_split`,
+`has_warmstart_targets`, and `device_reward` (the same reward, to jit on the accelerator).
 """
 from __future__ import annotations
 
