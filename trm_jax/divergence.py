@@ -23,6 +23,11 @@ Array = chex.Array
 # threshold a mask would use, while keeping rho - 1 - log rho finite.
 LOG_RATIO_CLIP = 20.0
 
+# trm.divergence / trm.divergence_avg names -> the key of `sampled_estimators` they select; "exact" (None)
+# is the exact full-vocabulary KL(roll||theta) of `exact_divergences` (needs the rollout distribution).
+DIVERGENCES = {"exact": None, "k1": "k1", "k2": "k2", "k3": "k3", "abs_log": "abs_log_ratio",
+               "tv_est": "tv_est"}
+
 
 def _mask_or_ones(mask: Optional[Array], shape) -> Array:
   if mask is None:
@@ -438,3 +443,27 @@ def log_ppl_gap(learner_logp: Array, rollout_logp: Array, mask: Array) -> Array:
   gap = per_seq_log_ppl_gap(learner_logp, rollout_logp, mask)
   has = (jnp.sum(jnp.asarray(mask, jnp.float32), -1) > 0).astype(jnp.float32)
   return jnp.sum(gap * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def select(name: str, exact: Optional[dict], estimators: dict) -> Optional[Array]:
+  """The per-position divergence a config name asks for (see DIVERGENCES): exact["kl"] for "exact" (None
+  when there is no exact side), else the sampled estimator."""
+  key = DIVERGENCES[name]
+  if key is None:
+    return exact["kl"] if exact is not None else None
+  return estimators[key]
+
+
+def routing_flip_frac(routes_a: Array, routes_b: Array, valid: Array) -> Array:
+  """Fraction of valid (layer, token) MoE routing decisions whose top-k expert SET differs between two
+  forwards (paper App. A: a routing flip is a mismatch source of its own).
+
+  Args:
+    routes_a, routes_b: [n_moe_layers, B, L, k] int32 expert ids (order within k ignored).
+    valid: [B, L] tokens to count.
+  Returns:
+    scalar float32 in [0, 1] (0 when nothing is valid).
+  """
+  differ = jnp.any(jnp.sort(routes_a, axis=-1) != jnp.sort(routes_b, axis=-1), axis=-1)  # [n,B,L]
+  w = jnp.broadcast_to(jnp.asarray(valid).astype(jnp.float32), differ.shape)
+  return jnp.sum(differ * w) / jnp.maximum(jnp.sum(w), 1.0)
