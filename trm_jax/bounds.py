@@ -249,7 +249,12 @@ def unified_tv(T, eps, tv_seq, dbar, *, t_max: Optional[int] = None) -> Array:
 
 def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optional[Array] = None,
                 tv_only: bool = False, reward_range=(0.0, 1.0)) -> dict:
-  """Batch estimates of delta, eps, kl_seq, tv_seq, dbar and every bound (paper Sec. 2-3).
+  """Plug-in estimates of delta, eps, kl_seq, tv_seq, dbar and every bound from a batch (paper Sec. 2-3).
+
+  A plug-in estimate of each bound, NOT the bound: delta and eps below are sample maxima (lower bounds
+  of the maxima over every reachable context the theorem needs), kl_seq and dbar sample means, T the
+  longest response in the batch; a bound evaluated at them can be smaller than the true bound
+  (trm_jax/certificate.py says what the logged numbers license).
 
   From exact per-position divergences of B sampled sequences (contexts c_t ~ d_t^roll):
     delta  = max over valid (b, t) of kl;  eps = max of tv  (the token maxima TRM-Max enforces on the
