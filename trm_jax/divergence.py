@@ -134,23 +134,26 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   phi(x) = e^x - 1 - x >= 0, F = E_p[phi(x)] and q_v = p_v e^{x_v} / (1 + F):
     KL(p||q)  = log E_p[e^x] = log1p(F)
     KL(q||p)  = E_q[d] - E_p[d] - KL(p||q) = E_p[x expm1(x)] / (1 + F) - log1p(F)
-    TV(p, q)  = sum_{p_v > q_v} (p_v - q_v) = sum_{x_v <= KL} p_v (F - expm1(x_v)) / (1 + F)
+    TV(p, q)  = sum_v max(0, p_v - q_v) = sum_v max(0, p_v F - p_v expm1(x_v)) / (1 + F)
     H(q)      = lse(b) - E_q[b]
   Every sum has non-negative terms (x expm1(x) >= 0), phi and expm1 come from one Taylor polynomial for
   |x| < 1/2 and from p e^x = e_b e^{max_b - max_a - m} / S_a otherwise, so nothing cancels: float32 is
   within ~1e-5 relative of float64 down to per-token KL 1e-11 at V = 152k (tests/test_divergence.py),
   where sum p (log_softmax(a) - log_softmax(b)) carries the ~1e-6 absolute rounding error of the two
-  log-sum-exps (issue: 7x off at KL 1.5e-6; the paper's KL-only regime uses delta = 1e-4, Sec. 1). TV splits
-  its sum at the plain estimate lse(b) - lse(a) - m (KL is not known within the pass): only tokens with
-  |x - KL| <~ 1e-6 can land on the wrong side, each off by <= p 1e-6. Where the supports differ, or the
-  shifted exponential overflows (KL >~ 80), the plain forms (lse differences) are used instead.
+  log-sum-exps (7x off at KL 1.5e-6; the paper's KL-only regime uses delta = 1e-4, Sec. 1). TV is the same
+  kind of sum of non-negative terms, split at the exact sign of p_v - q_v (x_v < log1p(F)), so it needs F
+  from the pass before: float32 within 1e-6 relative of float64 at TV ~ 1e-7 on peaked logits at V = 152k
+  (tests/test_divergence.py), where splitting at the plain estimate lse(b) - lse(a) - m misplaced the top
+  token and lost the whole TV. Where the supports differ, or the shifted exponential overflows (KL >~ 80),
+  the plain forms (lse differences) are used instead.
 
   Passes over V per position (XLA CPU fusions; sums of several terms are ONE variadic reduction):
     | pass | reads          | computes                                                | exp | log |
     | 1    | a, b           | max_a, max_b                                            | 0   | 0   |
     | 2    | a, b           | e_a = e^{a - max_a}, e_b = e^{b - max_b}                | 2   | 0   |
     | 3    | e_a, e_b, a, b | S_a, S_b, E_q[b], E_p[d], E_q[d] (m)                    | 0   | 0   |
-    | 4    | e_a, e_b, a, b | F, E_p[x expm1 x], TV pieces, plain TV (needs m)        | 0   | 0   |
+    | 4    | e_a, e_b, a, b | F, E_p[x expm1 x], plain TV (needs m)                   | 0   | 0   |
+    | 5    | e_a, e_b, a, b | TV = sum max(0, p F - p expm1 x) (needs F)              | 0   | 0   |
   plus O(1) exp / log per position, and in the backward pass of the learner log-prob one exp of b
   (softmax, `logsumexp_with_value`). The previous form (two log_softmax, then exp of both sides and
   separate sums for KL, reverse KL, TV, entropy) used 4 exp passes and 8 reductions over V.
@@ -194,15 +197,17 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   big = q * c_x - p
   phi_t = jnp.where(both, jnp.where(small, p_x * x * _phi_over_x2(x), big - p_x), 0.0)
   expm1_t = jnp.where(both, jnp.where(small, p_x + phi_t, big), 0.0)
-  # TV = sum_{p > q} (p - q) = sum_{x <= KL} p (F - expm1(x)) / (1 + F). KL is not known in this loop; the
-  # split at the plain estimate gap - m (off by ~1e-6) misplaces only tokens whose |p - q| <= p 1e-6.
-  neg = both & (x <= gap - m)
-  terms = [phi_t, x * expm1_t, jnp.where(neg, p, 0.0), jnp.where(neg, expm1_t, 0.0), jnp.abs(p - q)]
+  terms = [phi_t, x * expm1_t, jnp.abs(p - q)]
   if not same_support:
     terms += [(fa & ~fb).astype(jnp.float32), (fb & ~fa).astype(jnp.float32)]
   sums = sum_last(*terms)
-  f, s2, mass_neg, expm1_neg = sums[:4]
-  tv_plain = 0.5 * sums[4]
+  f, s2 = sums[:2]
+  tv_plain = 0.5 * sums[2]
+  # TV = sum_v max(0, p_v - q_v) = sum_v max(0, p_v F - p_v expm1(x_v)) / (1 + F) (q = p e^x / (1 + F)): a
+  # sum of non-negative terms, each split at the exact sign of p - q, which needs F (this pass is the fifth).
+  # Splitting at the plain estimate lse(b) - lse(a) - m instead misplaces the top token of a peaked
+  # distribution when TV ~ 1e-7..1e-6 (that form was off by 100% there).
+  (tv_pos,) = sum_last(jnp.where(both, jnp.maximum(p * f - expm1_t, 0.0), 0.0))
   # KL(q||p) = E_q[d] - E_p[d] - KL(p||q), and E_q[d] - E_p[d] = sum_v (q_v - p_v) d_v = E_p[x expm1(x)] / (1 + F)
   # (q = p e^x / (1 + F), E_p[x] = 0): both terms >= 0, no cancellation beyond one bit.
   kl_acc = jnp.log1p(f)
@@ -210,9 +215,9 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   accurate = jnp.isfinite(f) & jnp.isfinite(s2)
   kl = jnp.where(accurate, kl_acc, gap - m)
   kl_r = jnp.where(accurate, kl_r_acc, eb_d / s_b - gap)
-  tv = jnp.where(accurate, (f * mass_neg - expm1_neg) / (1.0 + f), tv_plain)
+  tv = jnp.where(accurate, tv_pos / (1.0 + f), tv_plain)
   if not same_support:
-    roll_only, learner_only = sums[5] > 0, sums[6] > 0  # KL(roll||theta) = inf, KL(theta||roll) = inf
+    roll_only, learner_only = sums[3] > 0, sums[4] > 0  # KL(roll||theta) = inf, KL(theta||roll) = inf
     kl = jnp.where(roll_only, jnp.inf, jnp.where(learner_only, gap - m, kl))
     kl_r = jnp.where(learner_only, jnp.inf, jnp.where(roll_only, eb_d / s_b - gap, kl_r))
     tv = jnp.where(roll_only | learner_only, tv_plain, tv)
