@@ -57,31 +57,6 @@ def test_ln_trm_and_ser_hand_values():
   np.testing.assert_array_equal(masking.ser(LEARN, ROLL, MASK, 0.91).seq_mask, [1, 1, 1])
 
 
-def test_baselines_hand_values():
-  c = masking.token_tis(LEARN, ROLL, MASK, 2.0)
-  np.testing.assert_allclose(c.token_weight, [[1.5, 0.8, 2.0], [1.0, 1.1, 0], [0, 0, 0]], rtol=1e-5)
-  np.testing.assert_array_equal(c.seq_mask, [1, 1, 1])
-  c = masking.token_mask(LEARN, ROLL, MASK, 0.9, 2.0)
-  np.testing.assert_array_equal(c.token_weight, [[1, 0, 0], [1, 1, 0], [0, 0, 0]])
-  np.testing.assert_allclose(c.stats["token_accept_rate"], 3 / 5)
-  c = masking.seq_tis(LEARN, ROLL, MASK, 2.0)  # prod rho = 3.6 -> capped 2; row 1: 1.1
-  np.testing.assert_allclose(c.token_weight, [[2, 2, 2], [1.1, 1.1, 0], [0, 0, 0]], rtol=1e-5)
-  c = masking.seq_tis(LEARN, ROLL, MASK, 5.0)
-  np.testing.assert_allclose(c.token_weight[0], [3.6] * 3, rtol=1e-5)
-  # geometric mean: 3.6^(1/3) = 1.5326, sqrt(1.1) = 1.0488.
-  np.testing.assert_array_equal(masking.geo_mask(LEARN, ROLL, MASK, 0.5, 1.5).seq_mask, [0, 1, 1])
-  np.testing.assert_array_equal(masking.geo_mask(LEARN, ROLL, MASK, 0.5, 1.6).seq_mask, [1, 1, 1])
-  # (the empty row has geometric mean exp(0) = 1; it carries no tokens either way)
-  c = masking.geo_mask(LEARN, ROLL, MASK, 1.05, 1.6)
-  np.testing.assert_array_equal(c.seq_mask, [1, 0, 0])
-  np.testing.assert_allclose(c.stats["accept_rate"], 0.5)
-  c = masking.none(MASK)
-  np.testing.assert_array_equal(c.token_weight, MASK)
-  np.testing.assert_allclose(c.stats["accept_rate"], 1.0)
-  for c in (masking.token_tis(LEARN, ROLL, MASK, 2.0), masking.seq_tis(LEARN, ROLL, MASK, 2.0)):
-    assert np.all(np.isfinite(_np(c.token_weight)))
-
-
 def test_accept_rate_by_length():
   out = masking.accept_rate_by_length(jnp.array([1.0, 0.0, 1.0, 1.0]), jnp.array([1, 3, 3, 0]),
                                       (1, 2, 4, 8))
@@ -210,13 +185,3 @@ def test_weights_are_stop_gradient():
     return out
   g = jax.grad(total)(LEARN)
   assert np.all(_np(g) == 0.0)
-
-
-def test_proximal_weight_hand_values():
-  """Decoupled PPO's untruncated rollout -> proximal IS weight pi_prox/pi_roll, 0 off the mask, finite on
-  garbage (-inf) padding, stop-gradient."""
-  w = masking.proximal_weight(LEARN, ROLL, MASK)
-  np.testing.assert_allclose(w, [[1.5, 0.8, 3.0], [1.0, 1.1, 0], [0, 0, 0]], rtol=1e-5)
-  g = jax.grad(lambda lp: masking.proximal_weight(lp, ROLL, MASK).sum())(LEARN)
-  assert np.all(_np(g) == 0)
-  assert set(masking.IS_BASELINES) == {"tis", "seq_is"}
