@@ -83,7 +83,7 @@ def _probs(learner_logp, rollout_logp, mask):
 
 def binary_tv(learner_logp: Array, rollout_logp: Array, mask: Array) -> Array:
   """Binary TV per token [B, T]: |pi_prox(y_t) - pi_roll(y_t)|, the TV between the two Bernoulli
-  distributions "y_t vs any other token" (DPPO, arXiv 2602.04879, Sec. 4); 0 off the mask.
+  distributions "y_t vs any other token" (DPPO's Binary approximation, arXiv 2602.04879); 0 off the mask.
 
   It lower-bounds the full-vocabulary TV(c_t) (data processing), so a mask on it is not TRM's guarantee.
   """
@@ -101,8 +101,9 @@ def dppo(learner_logp: Array, rollout_logp: Array, mask: Array, advantages: Arra
   A token moving back toward the rollout is always kept; the sequence is never rejected. The source's
   loss is -keep_t A_i r_t with r_t = pi_theta/pi_roll and no ratio clip (rl.loss="is",
   rl.ratio_base="rollout" here); prime-rl's optional kl_tau (log r)^2 term is not part of this mask.
-  Defaults of prime-rl: low = high = 0.2. Read from prime-rl's default_loss_fn and the Stable-RL verl
-  fork's compute_policy_loss_dppo_tv (the same mask).
+  Defaults of prime-rl: low = high = 0.2 (the paper's verl scripts use 0.15). The equations are read from
+  prime-rl's default_loss_fn and the authors' Stable-RL verl fork (compute_policy_loss_dppo_tv: the same
+  mask); of the paper only the abstract was readable here.
 
   Args:
     learner_logp, rollout_logp, mask: [B, T]; advantages: [B]; low, high: scalars > 0.
@@ -132,7 +133,7 @@ def _masked_quantile(x: Array, mask: Array, q) -> Array:
 
 def cppo(learner_logp: Array, rollout_logp: Array, mask: Array, advantages: Array, delta, w_min, delta_b,
          quantile, *, length_edges=None) -> Correction:
-  """CPPO's Binary-TV prefix budget (UniRL, unirl/algorithms/cppo.py, `_cppo_mask`; CPPO paper Eq. 8-11).
+  """CPPO's Binary-TV prefix budget (UniRL, unirl/algorithms/cppo.py, `_cppo_mask`, which cites its paper's Eq. 8-11).
 
   Per sequence of length T, positions t = 1..T, D_t = |pi_prox(y_t) - pi_roll(y_t)| (Binary TV):
     w_t     = 1 - (1 - w_min) (t - 1) / max(T - 1, 1)              linear position weight, 1 -> w_min;
