@@ -14,7 +14,8 @@ from flax import nnx
 
 import tiny_models
 from trm_jax.models import LEARNER, Numerics
-from trm_jax.rollout import (backend_from_config, default_backend_config, routing_flip_frac, sample,
+from trm_jax.divergence import routing_flip_frac
+from trm_jax.rollout import (backend_from_config, default_backend_config, sample,
                              sequence_inputs)
 
 V, B, P, T = 32, 16, 6, 16

@@ -5,7 +5,8 @@ distributions for every prefix. Enumerating all V^T responses (numpy float64) gi
   Error = J(theta) - J(roll) - L'(theta),  L' = E_roll[R sum_t (rho_t - 1)],
 and the exact delta, eps (max over all contexts; all are reachable), kl_seq, tv_seq (sequence-level TV)
 and dbar_t. The library's bounds (float32) must dominate |Error| on every instance, both for random rewards
-in [0, 1] and for the adversarial reward that maximises |Error| for the policy pair.
+in [0, 1] and for the adversarial reward that maximises |Error| for the policy pair, and, scaled by the
+reward width (bounds.reward_scale), for rewards in [-2, 3].
 """
 import itertools
 
@@ -70,7 +71,7 @@ def _enumerate(roll_logits, theta_logits, V, T, rewards):
   # over all rewards in [0, 1] for this policy pair: the sharpest test of the bounds.
   c = P_t - P_r - P_r * (rho - 1.0).sum(-1)
   return dict(
-      error=J_t - J_r - L, identity=identity, surrogate=L, gain=J_t - J_r, rho=rho, rewards=rewards,
+      coef=c, error=J_t - J_r - L, identity=identity, surrogate=L, gain=J_t - J_r, rho=rho, rewards=rewards,
       worst_error=max(c[c > 0].sum(), -c[c < 0].sum()),
       delta=max(k.max() for k in kl_tab), eps=max(v.max() for v in tv_tab),
       kl_seq=np.sum(P_r * np.log(P_r / P_t)), kl_chain=np.sum(P_r[:, None] * ctx_kl),
@@ -85,7 +86,7 @@ def _instances(V, T, seed):
     for sparse in (False, True):
       for _ in range(REPS):
         roll, theta = _tables(rng, V, T, scale, sparse)
-        out.append(_enumerate(roll, theta, V, T, rng.uniform(size=V ** T)))
+        out.append(dict(_enumerate(roll, theta, V, T, rng.uniform(size=V ** T)), tables=(roll, theta)))
   return out
 
 
@@ -175,7 +176,7 @@ def test_certificate_on_uniform_rollout_is_exact_and_valid():
     mask = jnp.ones(ref["ctx_kl"].shape, jnp.float32)
     cert = bounds.certificate(jnp.asarray(ref["ctx_kl"], jnp.float32),
                               jnp.asarray(ref["ctx_tv"], jnp.float32), mask,
-                              surrogate=jnp.float32(0.0))
+                              surrogate=jnp.float32(ref["surrogate"]))
     np.testing.assert_allclose(cert["delta"], ref["delta"], rtol=1e-5)
     np.testing.assert_allclose(cert["eps"], ref["eps"], rtol=1e-5)
     np.testing.assert_allclose(cert["kl_seq"], ref["kl_seq"], rtol=1e-4)
@@ -184,7 +185,10 @@ def test_certificate_on_uniform_rollout_is_exact_and_valid():
     assert float(cert["tv_seq"]) >= ref["tv_seq"] * (1 - 1e-5)  # an upper bound of the exact TV_seq
     for name in bounds.BOUND_NAMES:
       assert abs(ref["error"]) <= float(cert[name]) * (1 + 1e-5) + 1e-7, name
-    np.testing.assert_allclose(cert["certified_improvement"], -cert["unified"])
+    # With the exact L' as surrogate, L' - B* <= L' - |Error| <= J(theta) - J(roll): catches a sign error
+    # (L' + B* is >= the gain on every instance) or an undersized B*.
+    slack = 1e-5 * (abs(ref["gain"]) + float(cert["unified"])) + 1e-7
+    assert float(cert["certified_improvement"]) <= ref["gain"] + slack
 
 
 def test_certified_improvement_is_a_lower_bound_on_the_true_gain():
@@ -211,3 +215,54 @@ def test_certified_improvement_is_a_lower_bound_on_the_true_gain():
       assert ci <= ref["gain"] + 1e-5 * (abs(ref["gain"]) + float(cert["unified"])) + 1e-7, (scale, ci, ref["gain"])
       positive += ci > 0
   assert positive > 0  # the certificate can fire (the test is not vacuous)
+
+
+RANGE = (-2.0, 3.0)
+
+
+def _adversarial(coef, lo, hi):
+  """The reward in [lo, hi]^S that maximises Error = sum_y c(y) R(y) (and its mirror, the minimum)."""
+  return np.where(coef > 0, hi, lo), np.where(coef > 0, lo, hi)
+
+
+@pytest.mark.parametrize("V,T", [(3, 4), (4, 3)])
+def test_bounds_scaled_by_reward_width_hold_for_rewards_in_minus2_3(enumerated, V, T):
+  """R in [-2, 3] (an overlong penalty pushes rewards below 0), on every enumerated policy pair: the exact
+  |Error| of the adversarial rewards and of random ones stays below reward_scale(RANGE) * B*, while the
+  unscaled (paper's R in [0, 1]) B* is exceeded on some instance. Catches bounds that ignore the range."""
+  rng = np.random.default_rng(1000 + V * T)
+  scale = bounds.reward_scale(RANGE)
+  worst_ratio = 0.0
+  for inst in enumerated[(V, T)]:
+    roll, theta = inst["tables"]
+    b = float(bounds.unified(T, inst["delta"], inst["eps"], inst["kl_seq"], inst["tv_seq"],
+                             jnp.asarray(inst["dbar"], jnp.float32)))
+    for rewards in (*_adversarial(inst["coef"], *RANGE), rng.uniform(*RANGE, size=V ** T)):
+      error = _enumerate(roll, theta, V, T, rewards)["error"]
+      assert abs(error) <= scale * b * (1 + 1e-5) + 1e-7, (error, b)
+      worst_ratio = max(worst_ratio, abs(error) / max(b, 1e-30))
+  print(f"V={V} T={T}: max |Error| / unscaled B* = {worst_ratio:.3f} (scaled B* = {scale:.0f}x)")
+  assert worst_ratio > 1.0, worst_ratio  # the unscaled bound is violated: the scaling is needed
+
+
+def test_certificate_reward_range_on_uniform_rollout():
+  """Certificate level: a uniform-rollout batch holding every response once (exact statistics), rewards
+  in [-2, 3]. With reward_range=RANGE every bound holds and L' - B* <= J(theta) - J(roll); with the default
+  range (0, 1) some bound fails on some instance (today's behaviour for such rewards)."""
+  rng = np.random.default_rng(3)
+  V, T = 2, 5
+  violated = 0
+  for scale_, sparse, _ in itertools.product((0.03, 0.1, 0.3, 1.0, 3.0), (False, True), range(4)):
+    roll, theta = _tables(rng, V, T, scale_, sparse, uniform_rollout=True)
+    coef = _enumerate(roll, theta, V, T, np.zeros(V ** T))["coef"]
+    for rewards in _adversarial(coef, *RANGE):
+      ref = _enumerate(roll, theta, V, T, rewards)
+      args = (jnp.asarray(ref["ctx_kl"], jnp.float32), jnp.asarray(ref["ctx_tv"], jnp.float32),
+              jnp.ones(ref["ctx_kl"].shape, jnp.float32))
+      cert = bounds.certificate(*args, surrogate=jnp.float32(ref["surrogate"]), reward_range=RANGE)
+      for name in bounds.BOUND_NAMES:
+        assert abs(ref["error"]) <= float(cert[name]) * (1 + 1e-5) + 1e-7, name
+      assert float(cert["certified_improvement"]) <= ref["gain"] + 1e-5 * (abs(ref["gain"]) + 5) + 1e-7
+      plain = bounds.certificate(*args)
+      violated += abs(ref["error"]) > float(plain["unified"]) * (1 + 1e-5) + 1e-7
+  assert violated > 0

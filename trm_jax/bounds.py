@@ -8,6 +8,19 @@ Every bound is built from |Error| <= sum_t 2 ||g_t||_inf ||d_t^theta - d_t^roll|
 ||g_t||_inf <= 2 min(1, eps, sqrt(delta/2)) and the context shift
 ||d_t^theta - d_t^roll||_TV <= min(1, (t-1) eps, sqrt((t-1) delta/2), tv_seq, sqrt(kl_seq/2)).
 
+Reward range. The paper assumes R in [0, 1]; every bound here is for that range. For rewards in [lo, hi]
+multiply every bound (and B*) by the width hi - lo (`reward_scale`, `scale_bounds`):
+  Error_R = J_R(theta) - J_R(roll) - L'_R(theta) is linear in R. For a constant R = c, J_c(theta) - J_c(roll)
+  = c - c = 0 and L'_c = c E_roll[sum_t (rho_t - 1)] = c sum_t E_{c_t ~ d_t^roll}[E_{y ~ roll}[rho_t] - 1] = 0,
+  since E_{y ~ roll}[rho_t | c_t] = sum_{v in supp roll} pi_theta(v | c_t) = 1 whenever pi_theta's support
+  lies in pi_roll's (always for full-vocabulary softmax; with top-p / top-k the learner is restricted to
+  the rollout's kept set, so again). Hence Error_R = Error_{R - lo} = (hi - lo) Error_{R'} with
+  R' = (R - lo) / (hi - lo) in [0, 1], and |Error_R| <= (hi - lo) B*. The width, not max |R|: a reward in
+  [-1, 1] needs the factor 2, and an overlong penalty that reaches -1.5 the factor 2.5.
+  The range is the reward function's a-priori range over ALL responses (the theorem is about the rollout
+  distribution), and the R that L' uses: L' here is E_roll[R sum_t (rho_t - 1)] with the reward itself; a
+  group baseline A = R - b_group is not a constant shift, so the advantage range is not the one that counts.
+
 T may be a python int, an integer array, or per-sequence lengths broadcasting with the other arguments.
 Sums over t = 1..T are taken over a static range 1..t_max with the terms t > T masked out, so they work
 for traced and per-sequence T: pass `t_max` (a python int >= every T) when T is traced; when T is
@@ -200,6 +213,21 @@ def ln_trm_normaliser(T, delta, eps, *, t_max: Optional[int] = None) -> Array:
   return jnp.sum(ln_trm_weights(T, delta, eps, t_max=t_max), axis=-1)
 
 
+def reward_scale(reward_range=(0.0, 1.0)) -> float:
+  """The factor hi - lo that turns a bound for R in [0, 1] into one for R in [lo, hi] (module docstring)."""
+  lo, hi = (float(v) for v in reward_range)
+  if not hi >= lo:
+    raise ValueError(f"reward_range must be (lo, hi) with hi >= lo, got {tuple(reward_range)}")
+  return hi - lo
+
+
+def scale_bounds(values: dict, reward_range=(0.0, 1.0)) -> dict:
+  """A copy of `values` with every bound (the keys in BOUND_NAMES, B* included) multiplied by
+  reward_scale(reward_range); the statistics (delta, eps, kl_seq, ...) are left as they are."""
+  scale = reward_scale(reward_range)
+  return {k: v * scale if k in BOUND_NAMES else v for k, v in values.items()}
+
+
 BOUND_NAMES = ("classical_kl", "classical_tv", "pinsker_marginal_kl", "pinsker_marginal_tv",
                "mixed_kl", "mixed_tv", "coupling", "linear", "adaptive_kl", "adaptive_tv", "adaptive",
                "unified")
@@ -220,8 +248,13 @@ def unified_tv(T, eps, tv_seq, dbar, *, t_max: Optional[int] = None) -> Array:
 
 
 def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optional[Array] = None,
-                tv_only: bool = False) -> dict:
-  """Batch estimates of delta, eps, kl_seq, tv_seq, dbar and every bound (paper Sec. 2-3).
+                tv_only: bool = False, reward_range=(0.0, 1.0)) -> dict:
+  """Plug-in estimates of delta, eps, kl_seq, tv_seq, dbar and every bound from a batch (paper Sec. 2-3).
+
+  A plug-in estimate of each bound, NOT the bound: delta and eps below are sample maxima (lower bounds
+  of the maxima over every reachable context the theorem needs), kl_seq and dbar sample means, T the
+  longest response in the batch; a bound evaluated at them can be smaller than the true bound
+  (trm_jax/certificate.py says what the logged numbers license).
 
   From exact per-position divergences of B sampled sequences (contexts c_t ~ d_t^roll):
     delta  = max over valid (b, t) of kl;  eps = max of tv  (the token maxima TRM-Max enforces on the
@@ -240,6 +273,8 @@ def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optio
     tv: [B, L] exact TV per position.
     mask: [B, L] valid response positions.
     surrogate: optional scalar estimate of L'(theta); adds certified_improvement = surrogate - unified.
+    reward_range: (lo, hi) of the reward R that the surrogate uses; every bound is scaled by hi - lo
+      (module docstring); the default (0, 1) is the paper's.
     tv_only: the KL is not an upper bound (top-k rollouts): `kl` is ignored (may be None), tv_seq =
       min(1, sum_t dbar_t) and only the TV-supported bounds TV_BOUND_NAMES are returned, with
       unified = unified_tv (min of Coupling, Mixed-TV, Adaptive-TV).
@@ -263,9 +298,7 @@ def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optio
     out = dict(eps=eps, tv_seq=tv_seq, T=T, dbar=dbar, classical_tv=classical_tv(T, eps),
                coupling=coupling(T, eps, t_max=L), linear=linear(T, eps), mixed_tv=mixed_tv(T, eps, tv_seq),
                adaptive_tv=adaptive_tv(eps, dbar, T=T), unified=unified_tv(T, eps, tv_seq, dbar, t_max=L))
-    if surrogate is not None:
-      out["certified_improvement"] = _f32(surrogate) - out["unified"]
-    return out
+    return _with_surrogate(scale_bounds(out, reward_range), surrogate)
   chex.assert_equal_shape([kl, tv])
   kl = jnp.where(valid, jnp.maximum(_f32(kl), 0.0), 0.0)
   delta = jnp.max(kl)
@@ -286,6 +319,10 @@ def certificate(kl: Optional[Array], tv: Array, mask: Array, *, surrogate: Optio
       adaptive=adaptive(delta, eps, dbar, T=T),
       unified=unified(T, delta, eps, kl_seq, tv_seq, dbar, t_max=L),
   )
+  return _with_surrogate(scale_bounds(out, reward_range), surrogate)
+
+
+def _with_surrogate(out: dict, surrogate) -> dict:
   if surrogate is not None:
     out["certified_improvement"] = _f32(surrogate) - out["unified"]
   return out

@@ -10,18 +10,25 @@ All functions are pure, jit/vmap safe and compute in float32. Leading axes broad
 axis of every per-position output, V the last axis of every logits / log-prob input.
 """
 import functools
-import math
 from typing import Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from trm_jax.vocab_reduce import (_PHI_SMALL, _phi_over_x2, _weighted_phi, logsumexp_with_value,  # noqa: F401
+                                  max_last, sum_last)
+
 Array = chex.Array
 
 # exp() of a float32 log ratio overflows above ~88; 20 keeps rho in [2e-9, 4.9e8], far outside any
 # threshold a mask would use, while keeping rho - 1 - log rho finite.
 LOG_RATIO_CLIP = 20.0
+
+# trm.divergence / trm.divergence_avg names -> the key of `sampled_estimators` they select; "exact" (None)
+# is the exact full-vocabulary KL(roll||theta) of `exact_divergences` (needs the rollout distribution).
+DIVERGENCES = {"exact": None, "k1": "k1", "k2": "k2", "k3": "k3", "abs_log": "abs_log_ratio",
+               "tv_est": "tv_est"}
 
 
 def _mask_or_ones(mask: Optional[Array], shape) -> Array:
@@ -45,79 +52,6 @@ def entropy(logp: Array) -> Array:
   return jnp.maximum(h, 0.0)
 
 
-# phi(x) = e^x - 1 - x = x^2 sum_k x^k / (k+2)!  for |x| < _PHI_SMALL: Horner coefficients 1/8! .. 1/2!.
-# Truncation after x^6/8! leaves < 5e-8 relative at |x| = 1/2; above it e^x - 1 - x has no cancellation
-# (phi(+-1/2) > 0.1).
-_PHI_COEFFS = tuple(1.0 / math.factorial(k) for k in range(8, 1, -1))
-_PHI_SMALL = 0.5
-
-
-def _phi_over_x2(x: Array) -> Array:
-  """(e^x - 1 - x) / x^2 for |x| <= 1/2, to float32 rounding (a degree-6 Taylor polynomial)."""
-  c = jnp.full_like(x, _PHI_COEFFS[0])
-  for coef in _PHI_COEFFS[1:]:
-    c = c * x + coef
-  return c
-
-
-_SUM_LANES = 128
-
-
-def sum_last(*xs: Array) -> tuple:
-  """Sums of several [..., V] arrays over the last axis in ONE variadic reduction (one loop over V, each
-  producer fused into it), each kept as [..., 1]. Not differentiable (statistics only).
-
-  V is viewed as [V / 128, 128]: the variadic loop sums blocks of 128 (sequentially), then the V / 128
-  block sums are added by an ordinary (tree) reduction, so the float32 rounding error grows with ~128, not
-  V (a plain sequential sum of 152k terms is off by ~1e-2 relative).
-  """
-  xs = tuple(jnp.asarray(x, jnp.float32) for x in xs)
-  v = xs[0].shape[-1]
-  pad = -v % _SUM_LANES
-  if pad:
-    xs = tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) for x in xs)
-  xs = tuple(x.reshape(x.shape[:-1] + (-1, _SUM_LANES)) for x in xs)
-  zeros = tuple(jnp.zeros((), jnp.float32) for _ in xs)
-  outs = jax.lax.reduce(xs, zeros, lambda u, w: tuple(p + q for p, q in zip(u, w)), (xs[0].ndim - 1,))
-  return tuple(jnp.sum(o, -1, keepdims=True) for o in outs)
-
-
-def max_last(*xs: Array) -> tuple:
-  """Maxima of several [..., V] arrays over the last axis in one variadic reduction, each [..., 1], finite
-  (0 for an all -inf row). Not differentiable (used as a shift)."""
-  xs = tuple(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in xs)
-  init = tuple(jnp.array(-jnp.inf, jnp.float32) for _ in xs)
-  outs = jax.lax.reduce(xs, init, lambda u, w: tuple(jnp.maximum(p, q) for p, q in zip(u, w)), (xs[0].ndim - 1,))
-  return tuple(jnp.where(jnp.isfinite(o), o, 0.0)[..., None] for o in outs)
-
-
-@jax.custom_jvp
-def logsumexp_with_value(x: Array, value: Array) -> Array:
-  """Returns `value` (= logsumexp(x, -1), computed by the caller in a shared pass) with the gradient of
-  logsumexp: d value = sum_v softmax(x)_v dx_v. Lets one pass over V serve the statistics and the gradient."""
-  del x
-  return value
-
-
-@logsumexp_with_value.defjvp
-def _logsumexp_with_value_jvp(primals, tangents):
-  x, value = primals
-  dx, _ = tangents
-  # softmax from x alone (not from `value`): under remat the backward then recomputes only this, not the
-  # forward's shared statistics pass.
-  q = jax.nn.softmax(jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), axis=-1)
-  return value, jnp.sum(q * dx, -1)
-
-
-def _weighted_phi(x: Array, w: Array, w_other_c: Array, small: Array) -> Array:
-  """w * phi(x) computed without cancellation, where w * e^x = w_other_c is known exactly.
-
-  Small |x|: w x^2 poly(x) (no exp, no cancellation). Large |x|: w e^x - w (1 + x) = w_other_c - w (1 + x),
-  which stays finite when w underflows (a token the other policy likes that this one gives ~0 mass).
-  """
-  return jnp.where(small, w * jnp.square(x) * _phi_over_x2(x), w_other_c - w * (1.0 + x))
-
-
 # jit: one compiled program when called eagerly (many small ops otherwise); inlined inside an outer jit.
 @functools.partial(jax.jit, static_argnames=("same_support",))
 def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
@@ -129,26 +63,28 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   phi(x) = e^x - 1 - x >= 0, F = E_p[phi(x)] and q_v = p_v e^{x_v} / (1 + F):
     KL(p||q)  = log E_p[e^x] = log1p(F)
     KL(q||p)  = E_q[d] - E_p[d] - KL(p||q) = E_p[x expm1(x)] / (1 + F) - log1p(F)
-    TV(p, q)  = sum_{p_v > q_v} (p_v - q_v) = sum_{x_v <= KL} p_v (F - expm1(x_v)) / (1 + F)
+    TV(p, q)  = sum_v max(0, p_v - q_v) = sum_v max(0, p_v F - p_v expm1(x_v)) / (1 + F)
     H(q)      = lse(b) - E_q[b]
   Every sum has non-negative terms (x expm1(x) >= 0), phi and expm1 come from one Taylor polynomial for
   |x| < 1/2 and from p e^x = e_b e^{max_b - max_a - m} / S_a otherwise, so nothing cancels: float32 is
   within ~1e-5 relative of float64 down to per-token KL 1e-11 at V = 152k (tests/test_divergence.py),
   where sum p (log_softmax(a) - log_softmax(b)) carries the ~1e-6 absolute rounding error of the two
-  log-sum-exps (issue: 7x off at KL 1.5e-6; the paper's KL-only regime uses delta = 1e-4, Sec. 1). TV splits
-  its sum at the plain estimate lse(b) - lse(a) - m (KL is not known within the pass): only tokens with
-  |x - KL| <~ 1e-6 can land on the wrong side, each off by <= p 1e-6. Where the supports differ, or the
-  shifted exponential overflows (KL >~ 80), the plain forms (lse differences) are used instead.
+  log-sum-exps (7x off at KL 1.5e-6; the paper's KL-only regime uses delta = 1e-4, Sec. 1). TV is the same
+  kind of sum of non-negative terms, split at the exact sign of p_v - q_v (x_v < log1p(F)), so it needs F
+  from the pass before: float32 within 1e-6 relative of float64 at TV ~ 1e-7 on peaked logits at V = 152k
+  (tests/test_divergence.py), where splitting at the plain estimate lse(b) - lse(a) - m misplaced the top
+  token and lost the whole TV. Where the supports differ, or the shifted exponential overflows (KL >~ 80),
+  the plain forms (lse differences) are used instead.
 
   Passes over V per position (XLA CPU fusions; sums of several terms are ONE variadic reduction):
     | pass | reads          | computes                                                | exp | log |
     | 1    | a, b           | max_a, max_b                                            | 0   | 0   |
     | 2    | a, b           | e_a = e^{a - max_a}, e_b = e^{b - max_b}                | 2   | 0   |
     | 3    | e_a, e_b, a, b | S_a, S_b, E_q[b], E_p[d], E_q[d] (m)                    | 0   | 0   |
-    | 4    | e_a, e_b, a, b | F, E_p[x expm1 x], TV pieces, plain TV (needs m)        | 0   | 0   |
+    | 4    | e_a, e_b, a, b | F, E_p[x expm1 x], plain TV (needs m)                   | 0   | 0   |
+    | 5    | e_a, e_b, a, b | TV = sum max(0, p F - p expm1 x) (needs F)              | 0   | 0   |
   plus O(1) exp / log per position, and in the backward pass of the learner log-prob one exp of b
-  (softmax, `logsumexp_with_value`). The previous form (two log_softmax, then exp of both sides and
-  separate sums for KL, reverse KL, TV, entropy) used 4 exp passes and 8 reductions over V.
+  (softmax, `logsumexp_with_value`).
 
   Args:
     rollout_logits: [..., V] float32 (a).
@@ -189,15 +125,17 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   big = q * c_x - p
   phi_t = jnp.where(both, jnp.where(small, p_x * x * _phi_over_x2(x), big - p_x), 0.0)
   expm1_t = jnp.where(both, jnp.where(small, p_x + phi_t, big), 0.0)
-  # TV = sum_{p > q} (p - q) = sum_{x <= KL} p (F - expm1(x)) / (1 + F). KL is not known in this loop; the
-  # split at the plain estimate gap - m (off by ~1e-6) misplaces only tokens whose |p - q| <= p 1e-6.
-  neg = both & (x <= gap - m)
-  terms = [phi_t, x * expm1_t, jnp.where(neg, p, 0.0), jnp.where(neg, expm1_t, 0.0), jnp.abs(p - q)]
+  terms = [phi_t, x * expm1_t, jnp.abs(p - q)]
   if not same_support:
     terms += [(fa & ~fb).astype(jnp.float32), (fb & ~fa).astype(jnp.float32)]
   sums = sum_last(*terms)
-  f, s2, mass_neg, expm1_neg = sums[:4]
-  tv_plain = 0.5 * sums[4]
+  f, s2 = sums[:2]
+  tv_plain = 0.5 * sums[2]
+  # TV = sum_v max(0, p_v - q_v) = sum_v max(0, p_v F - p_v expm1(x_v)) / (1 + F) (q = p e^x / (1 + F)): a
+  # sum of non-negative terms, each split at the exact sign of p - q, which needs F (this pass is the fifth).
+  # Splitting at the plain estimate lse(b) - lse(a) - m instead misplaces the top token of a peaked
+  # distribution when TV ~ 1e-7..1e-6 (that form was off by 100% there).
+  (tv_pos,) = sum_last(jnp.where(both, jnp.maximum(p * f - expm1_t, 0.0), 0.0))
   # KL(q||p) = E_q[d] - E_p[d] - KL(p||q), and E_q[d] - E_p[d] = sum_v (q_v - p_v) d_v = E_p[x expm1(x)] / (1 + F)
   # (q = p e^x / (1 + F), E_p[x] = 0): both terms >= 0, no cancellation beyond one bit.
   kl_acc = jnp.log1p(f)
@@ -205,9 +143,9 @@ def divergences_from_logits(rollout_logits: Array, learner_logits: Array, *,
   accurate = jnp.isfinite(f) & jnp.isfinite(s2)
   kl = jnp.where(accurate, kl_acc, gap - m)
   kl_r = jnp.where(accurate, kl_r_acc, eb_d / s_b - gap)
-  tv = jnp.where(accurate, (f * mass_neg - expm1_neg) / (1.0 + f), tv_plain)
+  tv = jnp.where(accurate, tv_pos / (1.0 + f), tv_plain)
   if not same_support:
-    roll_only, learner_only = sums[5] > 0, sums[6] > 0  # KL(roll||theta) = inf, KL(theta||roll) = inf
+    roll_only, learner_only = sums[3] > 0, sums[4] > 0  # KL(roll||theta) = inf, KL(theta||roll) = inf
     kl = jnp.where(roll_only, jnp.inf, jnp.where(learner_only, gap - m, kl))
     kl_r = jnp.where(learner_only, jnp.inf, jnp.where(roll_only, eb_d / s_b - gap, kl_r))
     tv = jnp.where(roll_only | learner_only, tv_plain, tv)
@@ -438,3 +376,24 @@ def log_ppl_gap(learner_logp: Array, rollout_logp: Array, mask: Array) -> Array:
   gap = per_seq_log_ppl_gap(learner_logp, rollout_logp, mask)
   has = (jnp.sum(jnp.asarray(mask, jnp.float32), -1) > 0).astype(jnp.float32)
   return jnp.sum(gap * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def select(name: str, exact: Optional[dict], estimators: dict) -> Optional[Array]:
+  """The per-position divergence a config name asks for (see DIVERGENCES): exact["kl"] for "exact" (None
+  when there is no exact side), else the sampled estimator."""
+  key = DIVERGENCES[name]
+  if key is None:
+    return exact["kl"] if exact is not None else None
+  return estimators[key]
+
+
+def routing_flip_frac(routes_a: Array, routes_b: Array, valid: Array) -> Array:
+  """Fraction of valid (layer, token) MoE routing decisions whose top-k expert SET differs between two
+  forwards (paper App. A: a routing flip is a mismatch source of its own).
+
+  Args: routes_a, routes_b [n_moe_layers, B, L, k] int32 expert ids (order within k ignored); valid [B, L].
+  Returns: scalar float32 in [0, 1] (0 when nothing is valid).
+  """
+  differ = jnp.any(jnp.sort(routes_a, axis=-1) != jnp.sort(routes_b, axis=-1), axis=-1)  # [n,B,L]
+  w = jnp.broadcast_to(jnp.asarray(valid).astype(jnp.float32), differ.shape)
+  return jnp.sum(differ * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 Array = chex.Array
 
+# rl.aggregation names (see `aggregate`).
 AGGREGATIONS = ("seq_total", "token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 
 
@@ -160,3 +161,9 @@ def is_loss(learner_logp: Array, rollout_logp: Array, advantages: Array, weights
   valid = (jnp.asarray(weights) != 0).astype(jnp.float32)
   aux = dict(_ratio_stats(rho, valid), loss_denominator=denominator(weights, aggregation, mask))
   return aggregate(-adv * rho, weights, aggregation, mask), aux
+
+
+# rl.loss name -> surrogate. Both take (learner_logp, behaviour_logp, advantages, weights, ..., aggregation,
+# mask) and return (loss, aux); ppo_clip also takes eps_low / eps_high / dual_clip (rl.clip_low /
+# rl.clip_high / rl.dual_clip).
+SURROGATES = {"ppo_clip": ppo_clip_loss, "is": is_loss}

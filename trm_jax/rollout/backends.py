@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
+# routing_flip_frac lives with the divergences; imported here only so rollout/__init__ keeps exporting it.
+from trm_jax.divergence import routing_flip_frac  # noqa: F401
 from trm_jax.models import LEARNER, Numerics
 
 PRECISIONS = ("float32", "bfloat16")
@@ -86,17 +86,3 @@ def backend_from_config(cfg, prefix: str = "rollout.backend") -> RolloutBackend:
       f"logit_noise{scale:g}" if scale > 0 else "",
       f"stale{k}" if k else "") if p]
   return RolloutBackend(name="+".join(parts) or "exact", numerics=numerics, kernel=kernel, staleness_k=k)
-
-
-def routing_flip_frac(routes_a: jax.Array, routes_b: jax.Array, valid: jax.Array) -> jax.Array:
-  """Fraction of valid (layer, token) routing decisions whose top-k expert SET differs.
-
-  Args:
-    routes_a, routes_b: [n_moe_layers, B, L, k] int32 expert ids (order within k ignored).
-    valid: [B, L] tokens to count.
-  Returns:
-    scalar float32 in [0, 1] (0 when nothing is valid).
-  """
-  differ = jnp.any(jnp.sort(routes_a, axis=-1) != jnp.sort(routes_b, axis=-1), axis=-1)  # [n,B,L]
-  w = jnp.broadcast_to(valid.astype(jnp.float32), differ.shape)
-  return jnp.sum(differ * w) / jnp.maximum(jnp.sum(w), 1.0)
