@@ -84,18 +84,15 @@ def params_from(run, workdir: str):
   if not steps:
     raise RunError(f"warmstart.init_from={workdir!r}: no checkpoint under {root} (run it first, e.g. with "
                    f"rl.steps=0, which saves checkpoint 0 right after the warm start)")
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(run.abstract_params), nnx.to_pure_dict(run.param_shardings))
+  sds = lambda v, s: v.replace(value=jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s))
+  abstract = jax.tree.map(sds, run.abstract_params, run.param_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   target = {"state": {"params": abstract}}
   args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   path = os.path.join(root, str(steps[-1]), "state")
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
-      pure = ckptr.restore(path, args=args)["state"]["params"]
+      return ckptr.restore(path, args=args)["state"]["params"]
   except Exception as e:  # noqa: BLE001 (any failure: say which checkpoint and why, in one line)
     raise RunError(f"warmstart.init_from: cannot read the parameters of {path}: "
                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-  params = jax.tree.map(lambda x: x, run.abstract_params)  # a copy of the structure to fill
-  nnx.replace_by_pure_dict(params, pure)
-  return params
