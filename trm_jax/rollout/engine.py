@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from trm_jax import sharding as sharding_lib
 from trm_jax.rollout import sampler as sampler_lib
@@ -52,7 +53,6 @@ def stop_ids(tokenizer) -> tuple:
 def host_all(x) -> np.ndarray:
   """Every row of a (possibly multi-process sharded) array, on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
