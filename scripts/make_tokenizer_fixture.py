@@ -7,6 +7,7 @@ BPE with the `tokenizers` library on a small fixed corpus and writes `tokenizer.
 `tokenizer_config.json` (Qwen3's special tokens and its chat template, thinking switch included) and
 `generation_config.json` (eos ids as a list, as Qwen3 ships them). `main()` then renders CONVERSATIONS
 with transformers (offline, from those files) into `golden.json`: the chat-templated text and its ids,
+and its decoding with transformers' default (special tokens kept) and with skip_special_tokens=True,
 which tests/test_tokenizer.py compares against trm_jax's own jinja2 rendering without transformers.
 """
 from __future__ import annotations
@@ -205,8 +206,9 @@ def main():
   for messages, kwargs in CONVERSATIONS:
     text = hf.apply_chat_template(messages, tokenize=False, **kwargs)
     ids = hf.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
+    # decode both ways: transformers' default keeps special tokens; skip_special_tokens=True drops them.
     golden.append({"messages": messages, "kwargs": kwargs, "text": text, "ids": list(ids),
-                   "decoded": hf.decode(ids, skip_special_tokens=True)})
+                   "decoded": hf.decode(ids), "decoded_skip_special": hf.decode(ids, skip_special_tokens=True)})
   meta = {"transformers": transformers.__version__, "eos_token_id": hf.eos_token_id,
           "pad_token_id": hf.pad_token_id, "vocab_size": len(hf)}
   with open(os.path.join(out, "golden.json"), "w", encoding="utf-8") as f:

@@ -161,5 +161,7 @@ def test_default_config_and_errors(data_dir):
   for field in ("num_train", "num_eval", "math_manual_dir", "size", "min_size"):
     assert field in c
   assert (c.text.tokenizer_path, c.text.prompt_len, c.text.reward, c.text.overlong_buffer) == ("", 2048, "dapo", 0)
+  with pytest.raises(ValueError, match="must be a probability"):
+    pipeline.make_iterator(_cfg(data_dir), "train", batch_size=8, seed=0, noise=1.5)
   with pytest.raises(ValueError, match="batch_size=100"):
     pipeline.make_iterator(_cfg(data_dir), "test", batch_size=100, seed=0)

@@ -1,14 +1,21 @@
 """Tokenizer and synthetic tasks: lengths vs horizon, generated solutions are correct, rewards."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from trm_jax.data import tasks
-from trm_jax.data.pipeline import encode_examples
-from trm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MathTokenizer, Tokenizer
+from trm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, pad_batch
 
 TOK = Tokenizer()
 HORIZONS = (32, 64, 257, 1024)
+
+
+def encode_batch(texts, length, pad_left=False, *, bos=False, eos=False):
+  """[N, length] ids and mask of `texts` (+ BOS / EOS), padded: the tests' way to write token arrays."""
+  seqs = [np.array([BOS_ID] * bos + TOK.encode(t) + [EOS_ID] * eos, np.int32) for t in texts]
+  return pad_batch(seqs, length, pad_left)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -31,34 +38,28 @@ def test_tokenizer_error_names_bad_char():
     TOK.encode("1é")
 
 
-def test_encode_batch_padding():
-  ids, mask = TOK.encode_batch(["12", "3"], 4, pad_left=True, bos=True)
+def test_pad_batch_padding():
+  ids, mask = encode_batch(["12", "3"], 4, pad_left=True, bos=True)
   np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 1, 1]])
   np.testing.assert_array_equal(ids[1], [PAD_ID, PAD_ID, BOS_ID, TOK.encode("3")[0]])
-  ids, mask = TOK.encode_batch(["12"], 4, eos=True)
+  ids, mask = encode_batch(["12"], 4, eos=True)
   np.testing.assert_array_equal(ids[0], TOK.encode("12") + [EOS_ID, PAD_ID])
   assert ids.dtype == np.int32 and mask.dtype == np.int32
+  ids, mask = pad_batch([np.array([5, 6])], 4, pad_left=True, pad_id=9)
+  np.testing.assert_array_equal(ids, [[9, 9, 5, 6]])
   with pytest.raises(ValueError, match="does not fit"):
-    TOK.encode_batch(["12345"], 4)
-
-
-def test_math_tokenizer_bytes_round_trip():
-  tok = MathTokenizer()
-  text = "Find $\\frac{1}{2}$ of x² — \\boxed{7}"
-  ids = tok.encode(text)
-  assert tok.vocab_size == 259 and min(ids) >= 3
-  assert tok.decode(ids + [EOS_ID, 50]) == text
+    encode_batch(["12345"], 4)
 
 
 # -------------------------------------------------------------------------------------------- tasks
 
 def _response(texts, task, eos=True):
   """[B, T] response ids + mask (mask covers up to and including EOS) from response texts."""
-  return TOK.encode_batch(texts, task.response_len, eos=eos)
+  return encode_batch(texts, task.response_len, eos=eos)
 
 
 def _answers(answers, task):
-  return TOK.encode_batch(answers, task.answer_len)
+  return encode_batch(answers, task.answer_len)
 
 
 def _reward(task, responses, answers, eos=True):
@@ -94,7 +95,7 @@ def test_generated_solutions_fit_are_correct_and_score_one(name, horizon):
     assert len(ex.answer) <= task.answer_len
     assert ex.solution.endswith("=" + ex.answer) and ex.answer == ex.solution.rsplit("=", 1)[1]
     _check_semantics(name, ex)
-  batch = encode_examples(exs, task)
+  batch = task.encode_examples(exs)
   r = np.asarray(jax.jit(task.reward)(batch["target"], batch["target_mask"], batch["answer"],
                                       batch["answer_mask"]))
   np.testing.assert_array_equal(r, 1.0)
@@ -178,7 +179,7 @@ def test_reward_batched_and_broadcast_shapes():
   task = tasks.get_task("sort", 64)
   rng = np.random.default_rng(3)
   exs = [task.generate(rng) for _ in range(6)]
-  b = encode_examples(exs, task)
+  b = task.encode_examples(exs)
   r = task.reward(b["target"].reshape(2, 3, -1), b["target_mask"].reshape(2, 3, -1),
                   b["answer"].reshape(2, 3, -1), b["answer_mask"].reshape(2, 3, -1))
   assert r.shape == (2, 3)
@@ -236,7 +237,7 @@ def test_score_is_the_reward_on_host_arrays_with_range_and_stats():
   assert (lo, hi) == (0.0, 1.0) and min(want) == lo and max(want) == hi  # both ends are attained
   assert task.device_reward is not None and task.has_warmstart_targets and task.eval_split == "validation"
   assert task.tokenizer.decode(r[0]) == ex.solution
-  sized = tasks.dataclasses.replace(task, num_train=10, num_eval=3)
+  sized = dataclasses.replace(task, num_train=10, num_eval=3)
   assert sized.stats("train") == {"prompts": 10.0, "prompts_dropped_long": 0.0}
   assert sized.stats("test") == sized.stats("validation") == {"prompts": 3.0, "prompts_dropped_long": 0.0}
   with pytest.raises(ValueError, match="'dev'"):

@@ -39,7 +39,13 @@ def test_chat_template_and_ids_match_transformers(tok, i):
   text = tok.apply_chat_template(case["messages"], **kwargs)
   assert text == case["text"]
   assert tok.encode(text) == case["ids"]
+  # transformers' decode default keeps the special tokens; skip_special_tokens=True drops them. Catches a
+  # default that drops them (the old behaviour) and a flag that is ignored.
   assert tok.decode(case["ids"]) == case["decoded"]
+  assert tok.decode(case["ids"], skip_special_tokens=True) == case["decoded_skip_special"]
+  ids = np.array([case["ids"]])
+  assert tok.decode_batch(ids, np.ones_like(ids)) == [case["decoded"]]
+  assert tok.decode_batch(ids, np.ones_like(ids), skip_special_tokens=True) == [case["decoded_skip_special"]]
 
 
 def test_thinking_switch(tok):
@@ -61,7 +67,8 @@ def test_special_ids(tok):
   assert tok.bos_id is None and tok.pad_id == end[0]
   assert isinstance(tok, tok_lib.TokenizerLike) and isinstance(tok_lib.Tokenizer(), tok_lib.TokenizerLike)
   assert tok.decode(tok.encode("a <think> b</think>")) == "a <think> b</think>"  # added, not special
-  assert tok.decode(im_end + tok.encode("x")) == "x"
+  assert tok.decode(im_end + tok.encode("x")) == "<|im_end|>x"  # kept by default, as transformers
+  assert tok.decode(im_end + tok.encode("x"), skip_special_tokens=True) == "x"
 
 
 def test_decode_batch_uses_mask(tok):

@@ -17,10 +17,11 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from trm_jax.data import tasks
+from trm_jax.data import synthetic
+from trm_jax.data.quiet_build import QuietBuild
 
 SPLITS = ("train", "validation", "test")
-DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = tasks.DEFAULT_NUM_TRAIN, tasks.DEFAULT_NUM_EVAL
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = synthetic.DEFAULT_NUM_TRAIN, synthetic.DEFAULT_NUM_EVAL
 HORIZONS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # predefined configs; any other horizon works too
 
 
@@ -41,7 +42,7 @@ def task_config(task: str, horizon: int, *, size: int = 0, min_size: int = 0,
 
   The name is the cache key on disk, so every setting that changes the data must appear in it.
   """
-  t = tasks.get_task(task, horizon, size or None, min_size or None)  # validates, names the bad value
+  t = synthetic.get_task(task, horizon, size or None, min_size or None)  # validates, names the bad value
   name = f"{task}_h{horizon}"
   if size or min_size:
     name += f"_n{t.min_size}-{t.size}"
@@ -54,7 +55,7 @@ def task_config(task: str, horizon: int, *, size: int = 0, min_size: int = 0,
 
 def _predefined() -> list[TaskConfig]:
   out = []
-  for name in tasks.TASKS:
+  for name in synthetic.TASKS:
     for horizon in HORIZONS:
       try:
         out.append(task_config(name, horizon))
@@ -63,20 +64,8 @@ def _predefined() -> list[TaskConfig]:
   return out
 
 
-class QuietBuild:
-  """Mixin for builders that download nothing: TFDS's "Downloading and preparing dataset ..." banner would
-  mislead (issue 14); one line says where the dataset was written instead."""
-
-  def _log_download_bytes(self) -> None:
-    pass
-
-  def _log_download_done(self) -> None:
-    config = f"/{self.builder_config.name}" if self.builder_config is not None else ""
-    print(f"[trm_jax] prepared dataset {self.name}{config} in {self.data_dir}", flush=True)
-
-
 class TrmTasks(QuietBuild, tfds.core.GeneratorBasedBuilder):
-  """Synthetic verifiable tasks (see `trm_jax.data.tasks`), generated without any download."""
+  """Synthetic verifiable tasks (see `trm_jax.data.synthetic`), generated without any download."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: running_sum, copy_reverse, addition, sort."}
@@ -105,7 +94,7 @@ class TrmTasks(QuietBuild, tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, num: int):
     c = self.builder_config
-    task = tasks.get_task(c.task, c.horizon, c.size or None, c.min_size or None)
+    task = synthetic.get_task(c.task, c.horizon, c.size or None, c.min_size or None)
     key = f"{c.task}_h{c.horizon}_n{task.min_size}-{task.size}"
     rng = np.random.default_rng([zlib.crc32(key.encode()), SPLITS.index(split)])
     for i in range(num):

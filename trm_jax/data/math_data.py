@@ -1,9 +1,9 @@
-"""Real-data path: DAPO-Math-17k training prompts, AIME 2024 / 2025 evaluation, and a \\boxed{} reward.
+"""Real-data path: DAPO-Math-17k training prompts and AIME 2024 / 2025 evaluation, from local files.
 
 Nothing downloads: the user places the files in a directory and passes it as the manual dir
 (`data.math_manual_dir`). The builders read the `*.parquet` and `*.jsonl` files there whose lower-cased
 name matches their pattern: `dapo_math` "dapo" (split `train`), `aime24` "aime24" / "aime_2024" /
-"aime-2024", `aime25` the same with 25, `aime_eval` any "aime" (splits `test`). Layouts accepted:
+"aime-2024", `aime25` the same with 25 (splits `test`). Layouts accepted:
 
   verl / DAPO parquet: `prompt` = chat messages [{"role", "content"}, ...], `reward_model.ground_truth`,
                        `data_source`, `extra_info` (ignored)
@@ -14,19 +14,20 @@ Each example stores the bare `problem` (the deduplication key: the public DAPO p
 problem ~100x), the chat `messages` (JSON) whose last user turn is the DAPO instruction wrapped around the
 problem (kept as is when the file already has it, added to plain problems), `prompt` (that user text),
 `answer` and `data_source`. The prompt text is data; the chat template belongs to the tokenizer and is
-applied by the text tasks (`trm_jax.data.tasks.TextTask`).
+applied by the text tasks (`trm_jax.data.text_tasks.TextTask`).
 """
 from __future__ import annotations
 
-import fractions
+import hashlib
 import json
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trm_jax.data.builders import QuietBuild
+from trm_jax.data.quiet_build import QuietBuild
 
 # The DAPO-Math-17k instruction around each problem (verbatim from the released parquet).
 DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of "
@@ -60,7 +61,6 @@ def iter_records(path):
   """Rows of a parquet or jsonl file as dicts, streamed (the DAPO parquet has ~1.8M rows)."""
   path = epath.Path(path)
   if path.suffix == ".parquet":
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  # only this path needs it
     for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=8192):
       yield from batch.to_pylist()
     return
@@ -72,9 +72,21 @@ def iter_records(path):
         raise ValueError(f"{path}:{n + 1}: not a JSON object ({e})") from e
 
 
-def read_records(path) -> list[dict]:
-  """Rows of a parquet or jsonl file as a list of dicts."""
-  return list(iter_records(path))
+def last_boxed(text: str) -> str | None:
+  """Content of the last \\boxed{...} (or \\fbox{...}), nested braces allowed; None if absent/unclosed."""
+  start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+  if start < 0:
+    return None
+  i = start + re.match(r"\\(?:boxed|fbox)\s*", text[start:]).end()
+  if not text.startswith("{", i):  # `\boxed 5` form: the argument is the next token
+    m = re.match(r"\\(?:boxed|fbox)\s+([^\s${}]+)", text[start:])
+    return m.group(1) if m else None
+  depth = 0
+  for j in range(i, len(text)):
+    depth += {"{": 1, "}": -1}.get(text[j], 0)
+    if depth == 0:
+      return text[i + 1:j]
+  return None  # truncated before the closing brace
 
 
 def record_fields(row: dict) -> dict | None:
@@ -126,13 +138,18 @@ class _ManualMath(QuietBuild, tfds.core.GeneratorBasedBuilder, skip_registration
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
                                  features=tfds.features.FeaturesDict(_FEATURES))
 
-  def _split_generators(self, dl_manager):
-    files = sorted(p for p in epath.Path(dl_manager.manual_dir).iterdir()
-                   if re.search(self.FILE_PATTERN, p.name.lower()) and p.suffix in (".parquet", ".jsonl"))
+  @classmethod
+  def source_files(cls, manual_dir) -> list[epath.Path]:
+    """The `*.parquet` / `*.jsonl` files of `manual_dir` whose lower-cased name matches FILE_PATTERN, sorted."""
+    files = sorted(p for p in epath.Path(manual_dir).iterdir()
+                   if re.search(cls.FILE_PATTERN, p.name.lower()) and p.suffix in (".parquet", ".jsonl"))
     if not files:
-      raise FileNotFoundError(f"no *.parquet/*.jsonl file matching {self.FILE_PATTERN!r} in "
-                              f"{dl_manager.manual_dir}. " + _INSTRUCTIONS)
-    return {self.SPLIT: self._generate_examples(files)}
+      raise FileNotFoundError(f"no *.parquet/*.jsonl file matching {cls.FILE_PATTERN!r} in {manual_dir}. "
+                              + _INSTRUCTIONS)
+    return files
+
+  def _split_generators(self, dl_manager):
+    return {self.SPLIT: self._generate_examples(self.source_files(dl_manager.manual_dir))}
 
   def _generate_examples(self, files):
     seen = set()
@@ -151,11 +168,6 @@ class DapoMath(_ManualMath):
   FILE_PATTERN, SPLIT = "dapo", "train"
 
 
-class AimeEval(_ManualMath):
-  """Every AIME-style evaluation file (split `test`)."""
-  FILE_PATTERN, SPLIT = "aime", "test"
-
-
 class Aime24(_ManualMath):
   """AIME 2024 (split `test`)."""
   FILE_PATTERN, SPLIT = r"aime[-_ ]?(20)?24", "test"
@@ -166,7 +178,7 @@ class Aime25(_ManualMath):
   FILE_PATTERN, SPLIT = r"aime[-_ ]?(20)?25", "test"
 
 
-BUILDERS = {"dapo_math": DapoMath, "aime_eval": AimeEval, "aime24": Aime24, "aime25": Aime25}
+BUILDERS = {"dapo_math": DapoMath, "aime24": Aime24, "aime25": Aime25}
 
 
 def build(name: str, manual_dir: str, data_dir: str | None):
@@ -177,143 +189,30 @@ def build(name: str, manual_dir: str, data_dir: str | None):
   if not manual_dir:
     raise ValueError(f"math dataset {name!r} needs data.math_manual_dir (the directory with its files). "
                      + _INSTRUCTIONS)
-  builder = cls(data_dir=data_dir or None)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  files = cls.source_files(manual_dir)
+  key = source_key(files)
+  config = tfds.core.BuilderConfig(name=f"files_{key}", description=f"built from {len(files)} file(s) of "
+                                   f"{manual_dir} whose content hashes to {key}")
+  builder = cls(config=config, data_dir=data_dir or None)
+  if builder.is_prepared():
+    print(f"[trm_jax] reusing dataset {name}/{config.name} in {builder.data_dir} (the same content of "
+          f"{', '.join(f.name for f in files)})", flush=True)
+  else:  # QuietBuild's line says where it was written
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False))
   return builder
 
 
-# ---------------------------------------------------------------- reward (host side, on decoded text)
+def source_key(files) -> str:
+  """16 hex digits of SHA-256 over each file's name, size and content: the cache key of a math dataset.
 
-def last_boxed(text: str) -> str | None:
-  """Content of the last \\boxed{...} (or \\fbox{...}), nested braces allowed; None if absent/unclosed."""
-  start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-  if start < 0:
-    return None
-  i = start + re.match(r"\\(?:boxed|fbox)\s*", text[start:]).end()
-  if not text.startswith("{", i):  # `\boxed 5` form: the argument is the next token
-    m = re.match(r"\\(?:boxed|fbox)\s+([^\s${}]+)", text[start:])
-    return m.group(1) if m else None
-  depth = 0
-  for j in range(i, len(text)):
-    depth += {"{": 1, "}": -1}.get(text[j], 0)
-    if depth == 0:
-      return text[i + 1:j]
-  return None  # truncated before the closing brace
-
-
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
-_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
-_FRAC_SHORT = re.compile(r"\\[dt]?frac(\d)(\d)")
-_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
-
-
-def normalize_answer(s: str) -> str:
-  """Canonical text of an answer: no spaces, $, \\text{}, \\left/\\right, trailing '.', fractions a/b."""
-  s = s.strip()
-  s = _TEXT_CMD.sub(r"\1", s)
-  for tok in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "^\\circ", "^{\\circ}"):
-    s = s.replace(tok, "")
-  s = re.sub(r"\s+", "", s)
-  s = _FRAC.sub(r"\1/\2", s)
-  s = _FRAC_SHORT.sub(r"\1/\2", s)
-  s = s.rstrip(".")
-  if _THOUSANDS.match(s):
-    s = s.replace(",", "")
-  num = _as_number(s)
-  return str(num) if num is not None else s
-
-
-def _as_number(s: str) -> fractions.Fraction | None:
-  """Exact rational value of an integer / decimal / a/b string (leading zeros allowed), else None."""
-  if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)(/[-+]?\d+)?", s):
-    return None
-  try:
-    return fractions.Fraction(s)
-  except (ValueError, ZeroDivisionError):
-    return None
-
-
-def math_reward(response_texts: list[str], answers: list[str]) -> np.ndarray:
-  """[N] float32: 1.0 where the response's last \\boxed{} equals the answer after normalisation, else 0.
-
-  No \\boxed{} (malformed) or an unclosed one (truncated) scores 0. Numbers compare by exact value
-  (`007 == 7`, `1/2 == 0.5 == \\frac{1}{2}`); everything else by normalised text.
+  Content rather than mtime, so a copy of the same files reuses the build and any edit rebuilds it.
   """
-  if len(response_texts) != len(answers):
-    raise ValueError(f"{len(response_texts)} responses but {len(answers)} answers")
-  out = np.zeros(len(answers), np.float32)
-  for i, (text, ref) in enumerate(zip(response_texts, answers)):
-    got = last_boxed(text)
-    ref = last_boxed(ref) if "\\boxed" in ref else ref
-    out[i] = float(got is not None and ref is not None
-                   and normalize_answer(got) == normalize_answer(ref))
-  return out
-
-
-# ---------------------------------------------------------------- tokenized prompts for the text tasks
-
-
-class PromptSource:
-  """Random access to tokenized, length-filtered prompts: {"prompt": int32 ids, "answer": UTF-8 bytes}.
-
-  `num_dropped` prompts were longer than `prompt_len` tokens after the chat template (dropped, never
-  cut); `num_long_answers` had a ground truth longer than `answer_len` bytes (dropped too).
-  """
-
-  def __init__(self, prompts: list[np.ndarray], answers: list[bytes], num_dropped: int, num_long_answers: int,
-               max_prompt_tokens: int):
-    self.prompts, self.answers = prompts, answers
-    self.num_dropped, self.num_long_answers, self.max_prompt_tokens = num_dropped, num_long_answers, max_prompt_tokens
-
-  def __len__(self) -> int:
-    return len(self.prompts)
-
-  def __getitem__(self, i):
-    return {"prompt": self.prompts[i], "answer": self.answers[i]}
-
-  def stats(self) -> dict:
-    """{"prompts": kept, "prompts_dropped_long": over prompt_len, "answers_dropped_long": over answer_len}."""
-    return {"prompts": float(len(self)), "prompts_dropped_long": float(self.num_dropped),
-            "answers_dropped_long": float(self.num_long_answers)}
-
-
-def prepare_prompts(name: str, split: str, manual_dir: str, data_dir: str | None, tokenizer, *, prompt_len: int,
-                    answer_len: int, chat_template: bool = True, template_kwargs: dict | None = None) -> PromptSource:
-  """Builds dataset `name` and tokenizes its `split`: chat template (or the raw prompt text), encode, drop.
-
-  Prompts longer than `prompt_len` tokens and answers longer than `answer_len` UTF-8 bytes are dropped
-  and counted (and logged), never truncated.
-  """
-  import logging  # pylint: disable=g-import-not-at-top
-
-  source = build(name, manual_dir, data_dir).as_data_source(split)
-  examples = [source[i] for i in range(len(source))]
-  texts = [ex["prompt"].decode("utf-8") for ex in examples]
-  if chat_template:
-    texts = [tokenizer.apply_chat_template(json.loads(ex["messages"].decode("utf-8")), add_generation_prompt=True,
-                                           **(template_kwargs or {})) for ex in examples]
-  encode_many = getattr(tokenizer, "encode_many", None)  # HFTokenizer: batched, in parallel in Rust
-  all_ids = encode_many(texts) if encode_many else [tokenizer.encode(t) for t in texts]
-  prompts, answers, dropped, long_answers, longest = [], [], 0, 0, 0
-  for ex, ids in zip(examples, all_ids):
-    longest = max(longest, len(ids))
-    if len(ids) > prompt_len:
-      dropped += 1
-    elif len(ex["answer"]) > answer_len:
-      long_answers += 1
-    else:
-      prompts.append(np.asarray(ids, np.int32))
-      answers.append(bytes(ex["answer"]))
-  log = logging.getLogger(__name__)
-  log.info("%s/%s: %d prompts kept, %d dropped (longer than prompt_len=%d tokens; longest %d), %d dropped "
-           "(answer longer than answer_len=%d bytes)", name, split, len(prompts), dropped, prompt_len, longest,
-           long_answers, answer_len)
-  if dropped or long_answers:
-    log.warning("%s/%s: dropped %d prompts > prompt_len=%d tokens and %d answers > answer_len=%d bytes",
-                name, split, dropped, prompt_len, long_answers, answer_len)
-  if not prompts:
-    raise ValueError(f"{name}/{split}: all {len(source)} prompts dropped: {dropped} exceed data.text.prompt_len="
-                     f"{prompt_len} tokens (longest {longest}), {long_answers} answers exceed "
-                     f"data.text.answer_len={answer_len} bytes")
-  return PromptSource(prompts, answers, dropped, long_answers, longest)
+  h = hashlib.sha256()
+  for path in files:
+    path = epath.Path(path)
+    h.update(f"{path.name}\0{path.stat().length}\0".encode())
+    with path.open("rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+  return h.hexdigest()[:16]

@@ -29,14 +29,13 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from trm_jax.data import builders, tasks
-from trm_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, _pad_batch
+from trm_jax.data import builders, synthetic, tasks, text_tasks
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults of the `data` config subtree; every field commented here, once."""
   c = ml_collections.ConfigDict()
-  c.task = "running_sum"       # a key of tasks.TASKS
+  c.task = "running_sum"       # a key of tasks.TASKS (synthetic) or tasks.TEXT_TASKS (text)
   c.horizon = 64               # T: max response tokens incl. EOS; the primary difficulty knob
   c.size = 0                   # max problem size n (digits); 0 = the largest whose solution fits T
   c.min_size = 0               # n is drawn uniformly in [min_size, size]; 0 = size (fixed length)
@@ -49,34 +48,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.num_threads = 4            # grain reader threads (the per-element work is a numpy lookup)
   c.prefetch = 8               # grain prefetch buffer (batches' worth of elements is plenty)
   c.math_manual_dir = ""       # directory holding DAPO-Math / AIME files (see math_data.py)
-  c.text = tasks.default_text_config()  # text tasks (dapo_math, aime24, aime25): tokenizer, prompt_len, reward
+  c.text = text_tasks.default_text_config()  # text tasks (dapo_math, aime24, aime25): tokenizer, prompt_len, reward
   return c
 
 
 def task_from_config(data_cfg) -> tasks.Task | tasks.TextTask:
   """The `Task` (or `TextTask`) the config names (validates task, horizon, size, min_size)."""
   return tasks.task_from_config(data_cfg)
-
-
-def encode_examples(examples, task: tasks.Task, tokenizer: Tokenizer | None = None) -> dict:
-  """Tokenizes examples (dicts or `Example`s, str or bytes fields) into the batch dict of arrays."""
-  tok = tokenizer or Tokenizer()
-  get = lambda ex, k: ex[k] if isinstance(ex, dict) else getattr(ex, k)
-  bos, eos = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)
-  prompt, prompt_mask = _pad_batch(
-      [np.concatenate([bos, tok.encode_np(get(e, "prompt"))]) for e in examples], task.prompt_len,
-      pad_left=True)
-  answer, answer_mask = _pad_batch([tok.encode_np(get(e, "answer")) for e in examples],
-                                   task.answer_len, pad_left=False)
-  target, target_mask = _pad_batch(
-      [np.concatenate([tok.encode_np(get(e, "solution")), eos]) for e in examples],
-      task.response_len, pad_left=False)
-  return dict(prompt=prompt, prompt_mask=prompt_mask, answer=answer, answer_mask=answer_mask,
-              target=target, target_mask=target_mask)
-
-
-def _encode_one(ex: dict, task: tasks.Task, tok: Tokenizer) -> dict:
-  return {k: v[0] for k, v in encode_examples([ex], task, tok).items()}
 
 
 def corrupt_answer(ex: dict, rng: np.random.Generator, noise: float) -> dict:
@@ -88,7 +66,7 @@ def corrupt_answer(ex: dict, rng: np.random.Generator, noise: float) -> dict:
   if rng.random() >= noise:
     return ex
   sol = ex["solution"].decode() if isinstance(ex["solution"], bytes) else ex["solution"]
-  cut = sol.rindex(tasks.DELIMITER) + 1
+  cut = sol.rindex(synthetic.DELIMITER) + 1
   tail = [str((int(c) + int(rng.integers(1, 10))) % 10) if c.isdigit() else c for c in sol[cut:]]
   return {**ex, "solution": sol[:cut] + "".join(tail)}
 
@@ -156,7 +134,12 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
   rows = np.asarray(rows, np.int64)
   if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= batch_size:
     raise ValueError(f"rows must be a non-empty list of indices in [0, batch_size={batch_size}), got {rows}")
-  ds = grain.MapDataset.source(task.source(split) if task.is_text else data_source(data_cfg, split))
+  if not 0 <= noise <= 1:
+    raise ValueError(f"warm-start noise (data.warmstart_noise) = {noise} must be a probability in [0, 1]")
+  if noise > 0 and not task.has_warmstart_targets:
+    raise ValueError(f"warm-start noise {noise} needs warm-start targets, which task {data_cfg.task!r} has not")
+  text = isinstance(task, text_tasks.TextTask)  # tokenized prompts in memory | the synthetic TFDS dataset
+  ds = grain.MapDataset.source(task.source(split) if text else data_source(data_cfg, split))
   if len(ds) < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the {len(ds)} {split!r} examples")
   if shuffle:
@@ -166,7 +149,7 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
     ds = ds.random_map(functools.partial(corrupt_answer, noise=noise), seed=seed)
   # Only this process's rows are read, tokenized and padded: the global stream above is lazy.
   ds = grain.MapDataset.source(_Rows(ds, rows, batch_size))
-  ds = ds.map(task.encode_example if task.is_text else functools.partial(_encode_one, task=task, tok=Tokenizer()))
+  ds = ds.map(task.encode_example)
   ds = ds.batch(len(rows), drop_remainder=True)
   read = grain.ReadOptions(num_threads=data_cfg.num_threads, prefetch_buffer_size=data_cfg.prefetch)
   return iter(ds.to_iter_dataset(read))
@@ -174,6 +157,9 @@ def make_iterator(data_cfg, split: str, *, batch_size: int, seed: int, shuffle: 
 
 def warmstart_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int,
                        **kwargs) -> grain.DatasetIterator:
-  """Supervised warm-start batches: `make_iterator` with `data_cfg.warmstart_noise` target noise."""
+  """Supervised warm-start batches: `make_iterator` with `data_cfg.warmstart_noise` target noise.
+
+  The trainer's warm-start stream; `data.warmstart_noise` is read here and nowhere else.
+  """
   return make_iterator(data_cfg, split, batch_size=batch_size, seed=seed,
                        noise=data_cfg.warmstart_noise, **kwargs)

@@ -1,18 +1,24 @@
-"""Tokenizers: characters for the synthetic tasks, bytes for math text, Hugging Face files for real LLMs.
+"""Tokenizers: characters for the synthetic tasks, Hugging Face files for real LLMs.
 
-`Tokenizer` (fixed character vocabulary) and `MathTokenizer` (bytes) share the specials `pad_id=0,
-bos_id=1, eos_id=2`. `load_tokenizer(path)` reads a checkpoint directory's `tokenizer.json` with the
-`tokenizers` library (no transformers at run time) and renders its chat template with jinja2 exactly as
-transformers does. All of them satisfy `TokenizerLike`, the interface the trainer,
-sampler and data pipeline use. None needs a download.
+`Tokenizer` (fixed character vocabulary) has the specials `pad_id=0, bos_id=1, eos_id=2`.
+`load_tokenizer(path)` reads a checkpoint directory's `tokenizer.json` with the `tokenizers` library (no
+transformers at run time) and renders its chat template with jinja2 exactly as transformers does; its
+`decode` keeps special tokens unless told otherwise, as transformers' does. Both satisfy `TokenizerLike`,
+the interface the trainer, sampler and data pipeline use. Neither needs a download.
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import os
 from typing import Protocol, Sequence, runtime_checkable
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
+import tokenizers
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _NUM_SPECIALS = 3
@@ -34,7 +40,7 @@ class TokenizerLike(Protocol):
     """Ids of `text`, with no BOS/EOS added."""
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of `ids`, special tokens dropped."""
+    """Text of `ids` (special tokens: the character tokenizer has no text for them; HF keeps them)."""
 
 
 def load_tokenizer(path) -> HFTokenizer:
@@ -79,43 +85,9 @@ class Tokenizer:
     ids = ids[(ids >= _NUM_SPECIALS) & (ids < self.vocab_size)]
     return "".join(self._chr[ids])
 
-  def encode_batch(self, texts, length: int, pad_left: bool = False, *, bos: bool = False,
-                   eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes and pads `texts` to `[N, length]` int32 ids and an int32 mask (1 on real tokens).
 
-    `bos`/`eos` add the specials around each text. Raises ValueError if a text does not fit.
-    """
-    return _pad_batch([self._with_specials(self.encode_np(t), bos, eos) for t in texts],
-                      length, pad_left)
-
-  @staticmethod
-  def _with_specials(ids: np.ndarray, bos: bool, eos: bool) -> np.ndarray:
-    parts = ([np.array([BOS_ID], np.int32)] if bos else []) + [ids.astype(np.int32)]
-    return np.concatenate(parts + ([np.array([EOS_ID], np.int32)] if eos else []))
-
-
-class MathTokenizer(Tokenizer):
-  """Byte-level tokenizer for real math text: id = byte + 3 (vocab 259); UTF-8 round-trips exactly."""
-
-  def __init__(self):  # pylint: disable=super-init-not-called
-    self.chars = None
-    self.vocab_size = 256 + _NUM_SPECIALS
-
-  def encode_np(self, text: str | bytes) -> np.ndarray:
-    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    return np.frombuffer(raw, np.uint8).astype(np.int32) + _NUM_SPECIALS
-
-  def decode(self, ids, stop_at_eos: bool = True) -> str:
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if stop_at_eos and (ids == EOS_ID).any():
-      ids = ids[: int(np.argmax(ids == EOS_ID))]
-    ids = ids[(ids >= _NUM_SPECIALS) & (ids < self.vocab_size)] - _NUM_SPECIALS
-    # A truncated response can end inside a multi-byte character; keep what decodes.
-    return ids.astype(np.uint8).tobytes().decode("utf-8", "replace")
-
-
-def _pad_batch(seqs: list[np.ndarray], length: int, pad_left: bool,
-               pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(seqs: list[np.ndarray], length: int, pad_left: bool,
+              pad_id: int = PAD_ID) -> tuple[np.ndarray, np.ndarray]:
   """Stacks 1-D id arrays into `[N, length]` (ids, mask), padding with `pad_id` on the chosen side."""
   ids = np.full((len(seqs), length), pad_id, np.int32)
   mask = np.zeros((len(seqs), length), np.int32)
@@ -169,8 +141,6 @@ class HFTokenizer:
 
   @classmethod
   def from_dir(cls, path) -> HFTokenizer:
-    import tokenizers  # pylint: disable=g-import-not-at-top  # only real-LLM runs need it
-
     path = os.fspath(path)
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
@@ -197,7 +167,6 @@ class HFTokenizer:
   def with_stop_tokens(self, tokens) -> HFTokenizer:
     """A copy whose stop ids also include `tokens` (strings, each one token), e.g. "<|im_end|>" for a base
     model whose eos is "<|endoftext|>" but whose chat template ends turns with "<|im_end|>"."""
-    import copy  # pylint: disable=g-import-not-at-top
     ids = []
     for t in tokens:
       i = self._tok.token_to_id(t)
@@ -228,12 +197,13 @@ class HFTokenizer:
     """`encode` of each text, batched (the `tokenizers` library runs them in parallel)."""
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    """Text of `ids`; special tokens (e.g. `<|im_end|>`) kept unless `skip_special_tokens`, as transformers."""
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                             skip_special_tokens=skip_special_tokens)
 
-  def decode_batch(self, ids, mask, skip_special_tokens: bool = True) -> list[str]:
-    """Texts of the rows of `ids` [N, T] restricted to `mask` [N, T] > 0."""
+  def decode_batch(self, ids, mask, skip_special_tokens: bool = False) -> list[str]:
+    """Texts of the rows of `ids` [N, T] restricted to `mask` [N, T] > 0 (specials as in `decode`)."""
     ids, mask = np.asarray(ids), np.asarray(mask) > 0
     return self._tok.decode_batch([[int(i) for i in row[m]] for row, m in zip(ids, mask)],
                                   skip_special_tokens=skip_special_tokens)
@@ -302,11 +272,6 @@ def _compile_template(source: str):
   does not HTML-escape."""
   if source in _TEMPLATES:
     return _TEMPLATES[source]
-  import datetime  # pylint: disable=g-import-not-at-top
-
-  import jinja2  # pylint: disable=g-import-not-at-top
-  import jinja2.ext  # pylint: disable=g-import-not-at-top
-  import jinja2.sandbox  # pylint: disable=g-import-not-at-top
 
   class Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (assistant-mask markers): renders its body."""
