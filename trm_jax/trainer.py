@@ -217,20 +217,14 @@ class Loop:
 
 
 def data_counts(task, eval_sets) -> dict:
-  """Step-0 row: how many train / eval prompts the run uses and how many were dropped as too long
-  (`data/train/prompts`, `data/train/prompts_dropped_long`, `data/eval/<set>/...`); says so on the console
-  when any was dropped."""
-  row, dropped = {}, []
+  """Step-0 row: how many train / eval prompts the run uses and how many were dropped as too long:
+  `data/train/prompts`, `data/train/prompts_dropped_long`, `data/eval/<set>/...` (the console line that says
+  so is printed where the prompts are dropped, data/text_tasks.py)."""
+  row = {}
   for prefix, stats in [("data/train", task.stats("train"))] + [(f"data/eval/{es.name}", es.stats)
                                                                  for es in eval_sets]:
     for key in ("prompts", "prompts_dropped_long"):
       row[f"{prefix}/{key}"] = float(stats.get(key, 0.0))
-    if row[f"{prefix}/prompts_dropped_long"] > 0:
-      n, kept = int(row[f"{prefix}/prompts_dropped_long"]), int(row[f"{prefix}/prompts"])
-      dropped.append(f"{prefix.split('/', 1)[1]}: {n} of {n + kept}")
-  if dropped and jax.process_index() == 0:
-    print(f"[trm_jax] warning: prompts longer than the prompt length were dropped ({'; '.join(dropped)}); "
-          f"raise data.text.prompt_len to keep them", flush=True)
   return row
 
 
