@@ -58,14 +58,6 @@ def with_data_dir(config):
   return config_lib.with_overrides(config, {"data.data_dir": path})
 
 
-def build_task(config):
-  """The run's task (synthetic `Task` or `TextTask`), built once from `config.data`."""
-  if tasks.is_text_task(config.data.task) and not config.data.text.tokenizer_path:
-    raise ValueError(f"data.task={config.data.task!r} is a text task: set data.text.tokenizer_path (usually "
-                     f"the checkpoint directory, model.hf_path={config.model.hf_path!r})")
-  return tasks.task_from_config(config.data)
-
-
 def model_config(config, tokenizer):
   """The network's shape: `model.hf_path`'s config.json, else the `model` preset for this vocabulary."""
   hf_path = config.model.hf_path
@@ -85,7 +77,7 @@ class Run:
   def __init__(self, config, devices=None):
     self.config = config
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)  # devices: a TPU topology's for trm_jax.plan
-    self.task = build_task(config)
+    self.task = tasks.task_from_config(config.data)  # built once; scores itself
     self.tokenizer = self.task.tokenizer
     self.stop_ids = engine_lib.stop_ids(self.tokenizer)
     self.model_cfg = model_config(config, self.tokenizer)

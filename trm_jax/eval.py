@@ -87,11 +87,8 @@ def load_eval_sets(config, tokenizer=None, train_task=None) -> list[EvalSet]:
   out = []
   for name in set_names(config):
     data_cfg = config_lib.with_overrides(config, {"data.task": name}).data
-    if train_task is not None and name == config.data.task:
-      task = train_task
-    else:
-      task = tasks.task_from_config(data_cfg, tokenizer) if tasks.is_text_task(name) else \
-          tasks.task_from_config(data_cfg)
+    same = train_task is not None and name == config.data.task
+    task = train_task if same else tasks.task_from_config(data_cfg, tokenizer)
     split = task.eval_split
     stats = task.stats(split)
     total = int(stats["prompts"])
