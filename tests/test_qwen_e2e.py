@@ -55,7 +55,10 @@ def _write_data(path: str) -> None:
            "prompt": [{"role": "user", "content": math_data.DAPO_PREFIX + f"What is {i}+{i}?" + math_data.DAPO_SUFFIX}],
            "reward_model": {"ground_truth": str(2 * i), "style": "rule-lighteval/MATH_v2"},
            "extra_info": {"index": f"id-{i}"}} for i in range(N_TRAIN)]
-  pq.write_table(pa.Table.from_pylist(rows + rows), os.path.join(path, "dapo-math-17k.parquet"))
+  # One more problem, longer than the smoke prompt_len (128 tokens): dropped and counted, never silently.
+  long = {**rows[0], "prompt": [{"role": "user", "content": math_data.DAPO_PREFIX + "Add one to three. " * 100 +
+                                 math_data.DAPO_SUFFIX}], "extra_info": {"index": "id-long"}}
+  pq.write_table(pa.Table.from_pylist(rows + rows + [long]), os.path.join(path, "dapo-math-17k.parquet"))
   with open(os.path.join(path, "aime-2025.jsonl"), "w") as f:
     for i in range(N_AIME):
       f.write(json.dumps({"problem": f"Find {i} times 3.", "answer": str(3 * i)}) + "\n")
@@ -84,6 +87,13 @@ def test_qwen3_smoke_rl_eval_checkpoint_resume(inputs, tmp_path, capsys):
   trainer.train(cfg, workdir)
   rows = _rows(workdir)
   assert [r["step"] for r in rows] == [0, 1]
+  # Step 0 says how many problems the run uses: 20 DAPO problems kept, the long one dropped (and said so on
+  # the console), the 5 AIME problems.
+  counts = {k: v for k, v in rows[0].items() if k.startswith("data/")}
+  assert counts == {"data/train/prompts": N_TRAIN, "data/train/prompts_dropped_long": 1,
+                    "data/eval/aime25/prompts": N_AIME, "data/eval/aime25/prompts_dropped_long": 0}
+  said = [line for line in capsys.readouterr().out.splitlines() if "prompts kept; dropped" in line]
+  assert len(said) == 1 and "20 of 21 prompts kept; dropped 1 longer than data.text.prompt_len=" in said[0], said
   first = rows[1]
   assert -1.0 <= first["reward/mean"] <= 1.0  # the DAPO checker's +1 / -1
   assert 0.0 <= first["trm/accept_rate"] <= 1.0 and first["mismatch/kl_max"] > 0  # bf16 engine vs f32 learner

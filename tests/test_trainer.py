@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from trm_jax import config as config_lib
+from trm_jax import eval as eval_lib
 from trm_jax import metrics as metrics_lib
 from trm_jax import trainer
 
@@ -65,29 +66,48 @@ def test_smoke_run_writes_every_metric(uninterrupted):
   assert os.path.exists(summary["curves"]) and os.path.getsize(summary["curves"]) > 10_000
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"
   assert os.listdir(os.path.join(workdir, "tb"))
-  # The bounds are ordered as the paper proves: B* is the minimum, classical the loosest.
-  r = rows[-1]
-  assert r["bounds/unified"] <= min(r["bounds/mixed_kl"], r["bounds/pinsker_marginal_kl"], r["bounds/coupling"]) + 1e-9
-  assert r["bounds/pinsker_marginal_kl"] <= r["bounds/classical_kl"] + 1e-9
+  # The logged certificate is the paper's closed forms (float64 here) of its own logged inputs, and those
+  # inputs are the mismatch the run measured. Catches: the certificate fed another divergence than the one
+  # logged as mismatch (e.g. TV where KL belongs: bounds/delta != mismatch/kl_max), a bound formula off
+  # (e.g. T**2 for T(T-1) in classical_kl), or a horizon T outside 1..data.horizon.
+  horizon = smoke_config(".").data.horizon
+  for r in rows:
+    T, delta, eps = r["bounds/T"], r["bounds/delta"], r["bounds/eps"]
+    assert 1 <= T <= horizon and T == int(T)
+    assert r["bounds/classical_kl"] == pytest.approx(T * (T - 1) * delta, rel=1e-5)
+    assert r["bounds/classical_tv"] == pytest.approx(2 * T * (T - 1) * eps**2, rel=1e-5)
+    assert r["bounds/linear"] == pytest.approx(4 * T * eps, rel=1e-5)
+    assert delta == pytest.approx(r["mismatch/kl_max"], rel=1e-6) and eps == pytest.approx(r["mismatch/tv_max"], rel=1e-6)
 
 
-def jax_leaves(tree):
-  import jax
-  return jax.tree.leaves(tree)
+def test_step_zero_logs_the_data_counts(uninterrupted):
+  """data/train/prompts and data/eval/<set>/prompts are the split sizes the config asks for; none dropped."""
+  workdir, _ = uninterrupted
+  row = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[0]
+  c = smoke_config(".")
+  assert row["step"] == 0
+  assert row["data/train/prompts"] == c.data.num_train and row["data/train/prompts_dropped_long"] == 0
+  assert row[f"data/eval/{c.data.task}/prompts"] == c.data.num_eval
+  assert row[f"data/eval/{c.data.task}/prompts_dropped_long"] == 0
 
 
-def test_stop_and_resume_matches_uninterrupted(uninterrupted, data_dir, tmp_path):
-  workdir_a, _ = uninterrupted
-  workdir_b = str(tmp_path / "run_b")
-  trainer.train(smoke_config(data_dir, **{"rl.steps": 2}), workdir_b)  # "stopped" after step 2
-  trainer.train(smoke_config(data_dir), workdir_b)  # resumes from checkpoint 2
-  a = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir_a, "metrics.jsonl"))}
-  b = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir_b, "metrics.jsonl"))}
-  assert sorted(b) == [0, 1, 2, 3, 4]
-  for step in (3, 4):
-    for k in ("reward/mean", "loss", "grad_norm", "mismatch/kl_max", "mismatch/ppl_gap", "entropy",
-              "response_length/mean", "trm/accept_rate"):
-      np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-6, atol=1e-9, err_msg=f"step {step} {k}")
+def test_data_counts_name_every_split():
+  """The step-0 counts come from each task's stats of the split the run reads (train; each eval set's own)."""
+
+  class Stub:
+    def __init__(self, kept, dropped):
+      self.counts, self.splits = {"prompts": kept, "prompts_dropped_long": dropped}, []
+
+    def stats(self, split):
+      self.splits.append(split)
+      return self.counts
+
+  train = Stub(100, 3)
+  sets = [eval_lib.EvalSet("aime24", Stub(8, 22), {}, {"prompts": 8, "prompts_dropped_long": 22})]
+  row = trainer.data_counts(train, sets)
+  assert row == {"data/train/prompts": 100.0, "data/train/prompts_dropped_long": 3.0,
+                 "data/eval/aime24/prompts": 8.0, "data/eval/aime24/prompts_dropped_long": 22.0}
+  assert train.splits == ["train"]
 
 
 def test_cli_runs_and_overrides(data_dir, tmp_path):
@@ -103,7 +123,7 @@ def test_cli_runs_and_overrides(data_dir, tmp_path):
   out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "metrics:" in out.stdout and "curves:" in out.stdout
-  assert len(metrics_lib.read_jsonl(str(workdir / "metrics.jsonl"))) == 1
+  assert [r["step"] for r in metrics_lib.read_jsonl(str(workdir / "metrics.jsonl"))] == [0, 1]  # 0: data counts
   import json
   assert json.load(open(workdir / "config.json"))["trm"]["delta"] == 0.07
   again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)  # a finished run
@@ -112,6 +132,24 @@ def test_cli_runs_and_overrides(data_dir, tmp_path):
   bad = subprocess.run(cmd[:3] + ["--config.trm.detla=0.1"], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode != 0 and "detla" in bad.stderr
+
+
+def test_init_from_continues_as_the_uninterrupted_run(uninterrupted, data_dir, tmp_path):
+  """warmstart.init_from: a warm-start-only run (rl.steps = 0) and a run started from its parameters reproduce
+  the uninterrupted run's RL steps, without a warm start of their own (catches restoring the wrong tree,
+  e.g. the source's optimizer state as parameters, or a warm start run on top of the restored parameters)."""
+  workdir_a, _ = uninterrupted
+  warm, run = str(tmp_path / "warm"), str(tmp_path / "run")
+  trainer.train(smoke_config(data_dir, **{"rl.steps": 0}), warm)
+  trainer.train(smoke_config(data_dir, **{"warmstart.init_from": warm}), run)
+  assert not os.path.exists(os.path.join(run, "warmstart"))  # no supervised step was taken
+  a = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(workdir_a, "metrics.jsonl"))}
+  b = {r["step"]: r for r in metrics_lib.read_jsonl(os.path.join(run, "metrics.jsonl"))}
+  assert sorted(b) == [0, 1, 2, 3, 4]
+  for step in (0, 1, 4):
+    for k in ("eval/reward_mean", "reward/mean", "loss", "grad_norm", "mismatch/kl_max", "trm/accept_rate"):
+      if k in a[step]:
+        np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-6, atol=1e-9, err_msg=f"step {step} {k}")
 
 
 def test_staleness_k2_rollout_uses_params_two_updates_old(data_dir, tmp_path):

@@ -65,16 +65,18 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would drown the progress bar
   # A warning (e.g. a damaged checkpoint skipped) is one line, not a line plus the source line that raised it.
   warnings.formatwarning = lambda message, category, *args, **kwargs: f"[trm_jax] warning: {message}\n"
+  import jax  # after flag parsing, so --help is fast
+
   from trm_jax import checkpoint as ckpt_lib
   from trm_jax import config as config_lib
-  from trm_jax import trainer  # after flag parsing, so --help is fast
+  from trm_jax import trainer
 
   workdir = _WORKDIR.value or _default_workdir(flags.FLAGS["config"].serialize().partition("=")[2])
   try:
     summary = trainer.train(_CONFIG.value, workdir, allow_config_change=tuple(_ALLOW.value))
   except (config_lib.ConfigError, ckpt_lib.RunError) as e:
     _fail(str(e))
-  if trainer.jax.process_index() != 0:  # multi-process: one summary, from process 0
+  if jax.process_index() != 0:  # multi-process: one summary, from process 0
     return
   if summary.get("preempted") or "complete" in summary:
     return  # the trainer said what happened and where the results are
