@@ -1,19 +1,16 @@
-"""Fast tests of experiments/*.py and configs/pod_*.py (no training; seconds)."""
+"""Fast tests of the experiments.paper package and configs/pod_*.py (no training; seconds)."""
 import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from experiments import bound_curves, common, paper_figures, sweep  # noqa: E402
-from trm_jax import bounds  # noqa: E402
-from trm_jax import config as config_lib  # noqa: E402
+from experiments.paper import bound_curves, results, sweep
+from experiments.paper import figures as paper_figures
+from trm_jax import bounds
+from trm_jax import config as config_lib
 
 
 def _read_csv(path):
@@ -145,14 +142,14 @@ def test_sweep_summary_fraction_certified(tmp_path):
   assert s["final_eval"] == pytest.approx(0.7)
 
 
-# ----------------------------------------------------------------------------- paper_figures
+# ----------------------------------------------------------------------------- figures
 
 
 def test_aggregate_mean_and_spread():
   runs = [[{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 3, "x": None}],
           [{"step": 1, "x": 3.0}, {"step": 2, "x": 6.0}, {"step": 3, "x": 1.0}],
           [{"step": 1, "x": 5.0}, {"step": 2, "x": 4.0}]]
-  a = common.aggregate(runs, "x")
+  a = results.aggregate(runs, "x")
   assert a["step"].tolist() == [1, 2]  # step 3 is not in every run
   np.testing.assert_allclose(a["mean"], [3.0, 4.0])
   np.testing.assert_allclose(a["min"], [1.0, 2.0])
@@ -204,3 +201,14 @@ def test_paper_figures_print_commands_dedupes_shared_runs(capsys):
   lines = capsys.readouterr().out.splitlines()
   # a: tis, ppo_clip; b adds trm_max, trm_avg (ppo_clip shared); c: three more -> 7 methods x 3 seeds.
   assert len(lines) == 21 and len(set(lines)) == 21
+
+
+def test_experiments_set_up_no_import_paths():
+  """The experiments are packages: no script edits sys.path (it would hide an uninstalled package)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  offenders = []
+  for d, _, files in os.walk(os.path.join(root, "experiments")):
+    for f in files:
+      if f.endswith(".py") and "sys.path" in open(os.path.join(d, f)).read():
+        offenders.append(os.path.relpath(os.path.join(d, f), root))
+  assert offenders == []
