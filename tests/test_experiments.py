@@ -212,3 +212,35 @@ def test_experiments_set_up_no_import_paths():
       if f.endswith(".py") and "sys.path" in open(os.path.join(d, f)).read():
         offenders.append(os.path.relpath(os.path.join(d, f), root))
   assert offenders == []
+
+
+def test_rivals_figure_print_commands_same_budget(capsys):
+  """Figure r (dry run): 6 methods x 3 seeds, every run the same steps and eval; CPPO / DPPO by baseline.kind."""
+  paper_figures.main(["--figure", "r", "--seeds", "3", "--steps", "30", "--print_commands",
+                      "--runs_dir", "experiments/runs"])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 18 and len(set(lines)) == 18
+  assert all(",steps=30" in l and "--config.eval.every=5" in l for l in lines)
+  assert sum("--config.baseline.kind=cppo" in l for l in lines) == 3
+  assert sum("--config.baseline.kind=dppo" in l for l in lines) == 3
+  assert sum("configs/trm.py:criterion=max," in l for l in lines) == 3
+  assert sum("configs/baselines.py:name=tis," in l for l in lines) == 3
+
+
+def _kind_is_known(kind):
+  try:
+    config_lib.validate(config_lib.with_overrides(config_lib.default_config(), {"baseline.kind": kind}))
+  except Exception as e:  # noqa: BLE001 - trm_jax.config's error type: only its message matters here
+    return "baseline.kind" not in str(e)
+  return True
+
+
+def test_rivals_figure_runs_validate():
+  if not (_kind_is_known("cppo") and _kind_is_known("dppo")):
+    pytest.skip("baseline.kind cppo / dppo are not in this trm_jax.config yet")
+  args = paper_figures.parse_args(["--figure", "r", "--steps", "4"])
+  for m in paper_figures.FIGURES["r"][1]:
+    c = paper_figures.method_spec(m, 0, args).load()
+    assert c.rl.steps == 4 and c.rollout.backend.logit_noise_scale == args.noise_scale
+    if m in ("cppo", "dppo"):
+      assert (c.baseline.kind, c.trm.criterion) == (m, "none")

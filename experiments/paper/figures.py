@@ -10,6 +10,8 @@ policy) and trm/accept_rate against RL step; line = mean over seeds, band = min.
   b  TRM-Max (delta) and TRM-Avg (delta_avg) vs PPO clip
   c  loose Max alone, loose Avg alone, and both combined (criterion=max_avg)
   s  (not in the paper) stress test: uncorrected plain-IS surrogate (name=none) vs PPO clip
+  r  (not in the paper) TRM-Max and TRM-Avg beside their rivals PPO clip, token TIS, CPPO and DPPO
+     (baseline.kind = cppo | dppo), same steps, batch and seeds
 
 All runs share one rollout backend (--backend, --noise_scale; the default is the backend chosen by the
 pilot documented in experiments/README.md) and the tiny model / running_sum task of configs/default.py.
@@ -50,43 +52,58 @@ FIGURES = {
     "c": ("Loose thresholds: Max alone, Avg alone, Max&Avg", ("loose_max", "loose_avg", "loose_max_avg")),
     # Not in the paper: a stress test of the uncorrected learner (plain IS surrogate, no clip, no mask).
     "s": ("Stress: uncorrected IS vs PPO clip", ("none", "ppo_clip")),
+    # Not in the paper: TRM beside its rivals, every method at the same budget (steps, batch, seeds).
+    "r": ("TRM vs rivals: TRM-Max, TRM-Avg, PPO clip, token TIS, CPPO, DPPO",
+          ("trm_max", "trm_avg", "ppo_clip", "tis", "cppo", "dppo")),
 }
 COLORS = {"none": "tab:gray", "ppo_clip": "tab:red", "tis": "tab:blue", "trm_max": "tab:green", "trm_avg": "tab:purple",
-          "loose_max": "tab:orange", "loose_avg": "tab:brown", "loose_max_avg": "tab:green"}
+          "loose_max": "tab:orange", "loose_avg": "tab:brown", "loose_max_avg": "tab:green", "cppo": "tab:olive",
+          "dppo": "tab:cyan"}
+
+
+def method_runs(args) -> dict[str, tuple[str, str, str, tuple]]:
+  """method -> (config file, its argument, workdir label, extra dotted overrides) at the thresholds of `args`.
+
+  CPPO and DPPO run alone (trm.criterion = none, as every configs/baselines.py run) with their published
+  defaults (`baseline.*`), beside PPO clip's surrogate like the other baselines.
+  """
+  dm, da, lm, la = args.delta_max, args.delta_avg, args.loose_max, args.loose_avg
+  return {
+      "none": ("baselines", "name=none", "none", ()),
+      "tis": ("baselines", "name=tis", "tis", ()),
+      "ppo_clip": ("baselines", "name=ppo_clip", "ppo_clip", ()),
+      "trm_max": ("trm", f"criterion=max,delta={dm}", f"trm_max_d{dm:g}", ()),
+      "trm_avg": ("trm", f"criterion=avg,delta_avg={da}", f"trm_avg_a{da:g}", ()),
+      "loose_max": ("trm", f"criterion=max,delta={lm}", f"trm_max_d{lm:g}", ()),
+      "loose_avg": ("trm", f"criterion=avg,delta_avg={la}", f"trm_avg_a{la:g}", ()),
+      "loose_max_avg": ("trm", f"criterion=max_avg,delta={lm},delta_avg={la}", f"trm_maxavg_d{lm:g}_a{la:g}", ()),
+      "cppo": ("baselines", "name=ppo_clip", "cppo", (("baseline.kind", "cppo"),)),
+      "dppo": ("baselines", "name=ppo_clip", "dppo", (("baseline.kind", "dppo"),)),
+  }
 
 
 def method_spec(method: str, seed: int, args) -> RunSpec:
   """The run of `method` for `seed` under the backend and thresholds of `args`."""
-  common_arg = f"backend={args.backend},seed={seed},steps={args.steps}"
+  table = method_runs(args)
+  if method not in table:
+    raise ValueError(f"unknown method {method!r}; known: {sorted(table)}")
+  config, arg, label, extra = table[method]
   overrides = [("eval.every", args.eval_every), ("eval.num_prompts", args.eval_prompts)]
+  tag = args.backend
   if args.backend == "noise":
     overrides.append(("rollout.backend.logit_noise_scale", args.noise_scale))
-  tag = f"{args.backend}{args.noise_scale:g}" if args.backend == "noise" else args.backend
-  tag += f"_n{args.steps}"
-  if method in ("none", "tis", "ppo_clip"):
-    config, arg, label = "baselines", f"name={method},{common_arg}", method
-  elif method == "trm_max":
-    config, arg, label = "trm", f"criterion=max,delta={args.delta_max},{common_arg}", f"trm_max_d{args.delta_max:g}"
-  elif method == "trm_avg":
-    config, arg, label = "trm", f"criterion=avg,delta_avg={args.delta_avg},{common_arg}", f"trm_avg_a{args.delta_avg:g}"
-  elif method == "loose_max":
-    config, arg, label = "trm", f"criterion=max,delta={args.loose_max},{common_arg}", f"trm_max_d{args.loose_max:g}"
-  elif method == "loose_avg":
-    config, arg, label = "trm", f"criterion=avg,delta_avg={args.loose_avg},{common_arg}", f"trm_avg_a{args.loose_avg:g}"
-  elif method == "loose_max_avg":
-    config = "trm"
-    arg = f"criterion=max_avg,delta={args.loose_max},delta_avg={args.loose_avg},{common_arg}"
-    label = f"trm_maxavg_d{args.loose_max:g}_a{args.loose_avg:g}"
-  else:
-    raise ValueError(method)
-  return RunSpec(name=f"{tag}/{label}_s{seed}", config=config, arg=arg, overrides=tuple(overrides))
+    tag += f"{args.noise_scale:g}"
+  arg += f",backend={args.backend},seed={seed},steps={args.steps}"
+  return RunSpec(name=f"{tag}_n{args.steps}/{label}_s{seed}", config=config, arg=arg,
+                 overrides=tuple(overrides) + tuple(extra))
 
 
 def method_label(method: str, args) -> str:
   return {"none": "uncorrected (plain IS surrogate)", "tis": "token TIS (decoupled PPO)", "ppo_clip": "PPO clip [0.8, 1.28]",
           "trm_max": f"TRM-Max delta={args.delta_max:g}", "trm_avg": f"TRM-Avg delta_avg={args.delta_avg:g}",
           "loose_max": f"Max alone delta={args.loose_max:g}", "loose_avg": f"Avg alone delta_avg={args.loose_avg:g}",
-          "loose_max_avg": f"Max&Avg {args.loose_max:g} & {args.loose_avg:g}"}[method]
+          "loose_max_avg": f"Max&Avg {args.loose_max:g} & {args.loose_avg:g}",
+          "cppo": "CPPO (Binary-TV budgets, UniRL defaults)", "dppo": "DPPO (Binary-TV mask 0.2)"}[method]
 
 
 # ----------------------------------------------------------------------------- aggregation / plotting
@@ -171,6 +188,7 @@ def plot_figure(path: str, title: str, agg: dict[str, dict[str, dict]], labels: 
       ax.fill_between(a["step"], a["min"], a["max"], color=color, alpha=0.18, lw=0)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("RL step")
+    ax.set_ylabel(key, fontsize=8)
     ax.grid(alpha=0.3)
     if key == "mismatch/ppl_gap":
       ax.set_yscale("log")
@@ -215,8 +233,9 @@ def make_figure(fig: str, args, *, run: bool = True) -> dict:
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--figure", default="all", choices=("a", "b", "c", "s", "all"),
-                  help="a|b|c: the paper's figures (all = a, b, c); s: stress test, uncorrected IS vs PPO clip")
+  ap.add_argument("--figure", default="all", choices=("a", "b", "c", "s", "r", "all"),
+                  help="a|b|c: the paper's figures (all = a, b, c); s: stress test, uncorrected IS vs PPO clip; "
+                       "r: TRM vs rivals (PPO clip, token TIS, CPPO, DPPO)")
   ap.add_argument("--suffix", default="", help="appended to the output file names (figure_<x><suffix>.png)")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=40)
