@@ -71,3 +71,18 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
   # per-round ratios 2, 3, 5 -> median 3; a ratio of medians (9 / 2 = 4.5) is the break this catches.
   assert timing.paired_ratio(times, "a", "b") == pytest.approx(3.0)
   assert timing.medians(times) == {"a": 9.0, "b": 2.0}
+
+
+def test_optional_part_module_runs_and_fills_its_key(monkeypatch):
+  """A part in its own module (like benchmarks/moe.py) runs in --tiny / --quick with quick=True."""
+  import sys
+  import types
+  fake = types.ModuleType("fake_part")
+  fake.run = lambda quick: {"fake_speedup": 2.5, "quick": quick}
+  monkeypatch.setitem(sys.modules, "fake_part", fake)
+  monkeypatch.setattr(bench, "OPTIONAL_PARTS", {"fake": ("fake_part", "fake_speedup")})
+  monkeypatch.setattr(bench, "PRESENT", ("fake",))
+  res = bench.run("tiny", parts=("fake",))
+  # Breaks if the part is not run, its headline key not copied up, or quick passed as False outside --full.
+  assert res["fake_speedup"] == 2.5 and res["fake"] == {"fake_speedup": 2.5, "quick": True}
+  assert all(res[k] is None for k in bench.PUBLIC_KEYS)

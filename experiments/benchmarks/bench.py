@@ -52,16 +52,16 @@ import jax
 import jax.numpy as jnp
 from trm_jax import config as config_lib
 
-# The MoE dispatch benchmark lives in its own module when the sparse dispatch exists.
-MOE_MODULE = "experiments.benchmarks.moe"
-HAS_MOE = importlib.util.find_spec(MOE_MODULE) is not None
+# Parts in their own modules, run when the module exists: part -> (module, its headline JSON key). Each module
+# has `run(quick: bool) -> dict` holding that key; the whole dict goes to res[part].
+OPTIONAL_PARTS = {"moe": ("experiments.benchmarks.moe", "moe_sparse_speedup")}
+PRESENT = tuple(k for k, (mod, _) in OPTIONAL_PARTS.items() if importlib.util.find_spec(mod) is not None)
 
 PUBLIC_KEYS = ("trm_overhead_estimator", "trm_overhead_exact", "trm_overhead_exact_qwen_shape",
                "memory_naive_over_ours", "sampler_speedup_vs_recompute", "sampler_speedup_vs_transformers",
                "sampler_prefill_share_speedup", "learner_peak_fraction", "learner_speedup_vs_torch",
                "moe_sparse_speedup")
-PARTS = ("overhead", "memory", "sampler", "throughput", "scaling", "peers", "compile", "hf_load") + (
-    ("moe",) if HAS_MOE else ())
+PARTS = ("overhead", "memory", "sampler", "throughput", "scaling", "peers", "compile", "hf_load") + PRESENT
 
 TINY_DIMS = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 # overhead model: the 32k vocabulary the exact-KL target is stated for, small blocks so CPU time is sane
@@ -216,11 +216,12 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
     res["hf_load"] = hl
     res.update({k: v for k, v in hl.items() if k != "hf_load_per_process"})
 
-  if "moe" in parts:  # sparse vs dense MoE dispatch, same model (benchmarks/moe.py)
-    log("moe: sparse vs dense expert dispatch (benchmarks/moe.py)")
-    mo = importlib.import_module(MOE_MODULE).run(quick=mode != "full")
-    res["moe"] = mo
-    res["moe_sparse_speedup"] = mo.get("moe_sparse_speedup")
+  for part in PRESENT:  # e.g. moe: sparse vs dense MoE dispatch, same model (benchmarks/moe.py)
+    if part in parts:
+      module, key = OPTIONAL_PARTS[part]
+      log(f"{part}: {module}.run(quick={mode != 'full'})")
+      res[part] = importlib.import_module(module).run(quick=mode != "full")
+      res[key] = res[part].get(key)
 
   res["wall_s"] = time.perf_counter() - t_start
   res["table"] = table_rows(res)
