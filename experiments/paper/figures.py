@@ -65,7 +65,8 @@ def method_runs(args) -> dict[str, tuple[str, str, str, tuple]]:
   """method -> (config file, its argument, workdir label, extra dotted overrides) at the thresholds of `args`.
 
   CPPO and DPPO run alone (trm.criterion = none, as every configs/baselines.py run) with their published
-  defaults (`baseline.*`), beside PPO clip's surrogate like the other baselines.
+  defaults (`baseline.*`) on the plain IS surrogate without a ratio clip (rl.loss = "is", ratio against
+  pi_roll), as their sources define them: their token masks are the trust region.
   """
   dm, da, lm, la = args.delta_max, args.delta_avg, args.loose_max, args.loose_avg
   return {
@@ -77,8 +78,8 @@ def method_runs(args) -> dict[str, tuple[str, str, str, tuple]]:
       "loose_max": ("trm", f"criterion=max,delta={lm}", f"trm_max_d{lm:g}", ()),
       "loose_avg": ("trm", f"criterion=avg,delta_avg={la}", f"trm_avg_a{la:g}", ()),
       "loose_max_avg": ("trm", f"criterion=max_avg,delta={lm},delta_avg={la}", f"trm_maxavg_d{lm:g}_a{la:g}", ()),
-      "cppo": ("baselines", "name=ppo_clip", "cppo", (("baseline.kind", "cppo"),)),
-      "dppo": ("baselines", "name=ppo_clip", "dppo", (("baseline.kind", "dppo"),)),
+      "cppo": ("baselines", "name=none", "cppo", (("baseline.kind", "cppo"),)),
+      "dppo": ("baselines", "name=none", "dppo", (("baseline.kind", "dppo"),)),
   }
 
 
