@@ -75,6 +75,10 @@ def test_batches_shapes_dtypes_and_padding(data_dir):
     assert TOK.decode(b["answer"][i]) == str(int(a) + int(bb))
   r = task.reward(b["target"], b["target_mask"], b["answer"], b["answer_mask"])
   np.testing.assert_array_equal(r, 1.0)
+  # stats() counts what the split really holds (the config's sizes, as built).
+  for split in builders.SPLITS:
+    assert task.stats(split) == {"prompts": float(len(pipeline.data_source(c, split))), "prompts_dropped_long": 0}
+  assert task.stats("train")["prompts"] == 96 and task.stats("test")["prompts"] == 24
 
 
 def _take(it, n):

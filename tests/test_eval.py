@@ -54,13 +54,12 @@ def test_prompts_per_call(n, k, batch, div, want):
 class _StubText:
   """A text-style task whose verdict is known: problem i's first answer byte a_i makes exactly min(a_i, k)
   of its k samples correct (samples arrive problem-major, k consecutive rows per problem)."""
-  is_text = True
   response_len = 6
 
   def __init__(self, k):
     self.k, self.calls = k, []
 
-  def reward_host(self, tokens, mask, answer, answer_mask):
+  def score(self, tokens, mask, answer, answer_mask):
     self.calls.append(np.asarray(answer[:, 0]).copy())
     j = np.arange(len(tokens)) % self.k
     correct = j < np.asarray(answer[:, 0])

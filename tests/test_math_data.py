@@ -97,8 +97,8 @@ def test_text_task_batches(dirs):
   task = pipeline.task_from_config(c)
   tok = task.tokenizer
   assert task.is_text and (task.prompt_len, task.response_len, task.answer_len) == (200, 32, 64)
-  assert task.stats("train") == {"data/dapo_math/prompts": 6.0, "data/dapo_math/prompts_dropped_long": 2.0,
-                                 "data/dapo_math/answers_dropped_long": 0.0}
+  assert task.stats("train") == {"prompts": 6.0, "prompts_dropped_long": 2.0, "answers_dropped_long": 0.0}
+  assert not task.has_warmstart_targets and task.device_reward is None and task.eval_split == "test"
   batches = list(pipeline.make_iterator(c, "train", batch_size=3, seed=0, num_epochs=1, process_index=0,
                                         process_count=1))
   assert len(batches) == 2
@@ -142,12 +142,20 @@ def test_text_task_reward_from_token_arrays(dirs):
   ex = task.encode_example({"prompt": np.zeros(1, np.int32), "answer": b"6"})
   answer, answer_mask = np.stack([ex["answer"]] * 3), np.stack([ex["answer_mask"]] * 3)
   assert task.decode_responses(tokens, mask) == texts  # the stop token is dropped
-  out = task.reward_host(tokens, mask, answer, answer_mask)
+  out = task.score(tokens, mask, answer, answer_mask)
   lengths = mask.sum(-1)
   penalty = np.minimum(-(lengths - (32 - 20)) / 20, 0)  # DAPO's soft overlong punishment, by hand
   np.testing.assert_allclose(out.reward, np.array([1, -1, -1]) + penalty, rtol=1e-6)
   np.testing.assert_array_equal(out.correct, [True, False, False])
   assert lengths[0] > 12 > lengths[1]  # (so the penalty is exercised on one row)
+  # reward_range: -1 - factor (wrong at L = L_max, the full penalty) to +1; a full-length wrong row attains it.
+  assert task.reward_range == (-2.0, 1.0)
+  full = np.concatenate([tokens[2:, :3], np.full((1, 29), tok.encode("x")[0], np.int32)], -1)
+  np.testing.assert_allclose(task.score(full, np.ones_like(full), answer[:1], answer_mask[:1]).reward, [-2.0])
+  assert pipeline.task_from_config(_cfg(dirs, overlong_buffer=20, overlong_factor=0.5)).reward_range == (-1.5, 1)
+  assert pipeline.task_from_config(_cfg(dirs)).reward_range == (-1.0, 1.0)
+  with pytest.raises(ValueError, match="overlong_factor=-1"):
+    pipeline.task_from_config(_cfg(dirs, overlong_buffer=20, overlong_factor=-1.0))
 
 
 def test_text_task_errors(dirs):

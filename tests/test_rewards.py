@@ -65,6 +65,10 @@ def test_overlong_penalty():
   assert out.correct.all() and out.metrics["reward/overlong_mean"] == pytest.approx(-0.375)
   with pytest.raises(ValueError, match="token lengths"):
     r(["Answer: 3"], ["3"])
+  # The range the certificate scales by: -1 - factor (wrong, L = L_max) to +1; attained at both ends.
+  assert r.reward_range == (-2.0, 1.0) and rewards.MathReward("dapo").reward_range == (-1.0, 1.0)
+  assert rewards.reward_range(20, 0.5) == (-1.5, 1.0)
+  np.testing.assert_allclose(r(["Answer: 4"], ["3"], lengths=[100]).reward, [-2.0])
   with pytest.raises(ValueError, match="buffer_len=200"):
     rewards.MathReward("dapo", max_len=100, overlong_buffer=200)
 
@@ -91,14 +95,15 @@ def test_worker_pool_survives_hang_crash_and_error():
   try:
     t0 = time.monotonic()
     out = r(["a", "hang", "raise", "crash", "b", "slow"], ["a", "x", "x", "x", "c", "x"])
-    np.testing.assert_array_equal(out.reward, [1.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+    # A timeout or crash scores as wrong (-1), not 0 (0 would pay a policy for hanging the checker).
+    np.testing.assert_array_equal(out.reward, [1.0, -1.0, -1.0, -1.0, -1.0, -1.0])
     np.testing.assert_array_equal(out.correct, [True, False, False, False, False, False])
     assert out.metrics["reward/timeouts"] == 2 and out.metrics["reward/errors"] == 2
     assert time.monotonic() - t0 < 30  # the hanging answer cost ~1 s, not 60
     r.pool._workers[0][0].kill()  # a worker that dies while idle is replaced on the next call
     r.pool._workers[0][0].join()
     again = r(["q", "hang", "w"], ["q", "q", "w"])  # the pool keeps working after replacing workers
-    np.testing.assert_array_equal(again.reward, [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(again.reward, [1.0, -1.0, 1.0])
     assert again.metrics["reward/timeouts"] == 1 and again.metrics["reward/errors"] == 0
   finally:
     r.close()

@@ -213,3 +213,31 @@ def test_task_from_config_dispatches_synthetic_and_text():
   assert TOK.stop_ids == (EOS_ID,) and tasks.TEXT_TASKS.keys() == {"dapo_math", "aime24", "aime25"}
   assert tasks.is_text_task("aime25") and not tasks.is_text_task("sort")
   assert not set(tasks.TEXT_TASKS) & set(tasks.TASKS)
+
+
+def test_score_is_the_reward_on_host_arrays_with_range_and_stats():
+  """`Task.score`: numpy in, RewardOutput out; catches a score that drifts from the jnp reward, a `correct`
+  that counts partial credit, or a reward_range / stats that disagree with the task's definition."""
+  task = tasks.get_task("addition", 64, size=3)
+  ex = task.generate(np.random.default_rng(0))
+  head, ans = ex.solution[: ex.solution.rindex("=")], ex.answer
+  one_wrong = ans[:-1] + str((int(ans[-1]) + 1) % 10)
+  texts, eos = [ex.solution, head + "=" + one_wrong, ex.solution], [True, True, False]
+  rows = [_response([t], task, e) for t, e in zip(texts, eos)]
+  r, rm = np.concatenate([x[0] for x in rows]), np.concatenate([x[1] for x in rows])
+  a, am = _answers([ans] * 3, task)
+  out = task.score(r, rm, a, am)
+  want = [1.0, 0.5 * (len(ans) - 1) / len(ans), 0.0]  # exact, partial credit, truncated (by hand)
+  assert isinstance(out.reward, np.ndarray) and out.reward.dtype == np.float32
+  np.testing.assert_allclose(out.reward, want, rtol=1e-6)
+  np.testing.assert_array_equal(out.correct, [True, False, False])
+  assert out.metrics == {}
+  lo, hi = task.reward_range
+  assert (lo, hi) == (0.0, 1.0) and min(want) == lo and max(want) == hi  # both ends are attained
+  assert task.device_reward is not None and task.has_warmstart_targets and task.eval_split == "validation"
+  assert task.tokenizer.decode(r[0]) == ex.solution
+  sized = tasks.dataclasses.replace(task, num_train=10, num_eval=3)
+  assert sized.stats("train") == {"prompts": 10.0, "prompts_dropped_long": 0.0}
+  assert sized.stats("test") == sized.stats("validation") == {"prompts": 3.0, "prompts_dropped_long": 0.0}
+  with pytest.raises(ValueError, match="'dev'"):
+    task.stats("dev")

@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0  # the paper samples at temperature 1
   c.rollout.top_p = 1.0  # < 1 truncates the rollout distribution (a mismatch source of its own)
   c.rollout.top_k = 0  # 0 = off
+  c.rollout.microbatches = 1  # generate the batch in this many sequential slices of whole groups (less memory)
   c.rollout.backend = default_backend_config()  # precision / kernel / router / staleness / noise
 
   c.rl = ml_collections.ConfigDict()
@@ -95,6 +96,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmstart.steps = 300  # supervised steps on correct solutions before RL; 0 = none
   c.warmstart.batch_size = 32
   c.warmstart.lr = 3e-3
+  c.warmstart.init_from = ""  # "" = off; else a workdir whose newest checkpoint provides the warm-started
+  #                             parameters, so the supervised warm start is skipped
 
   c.learner = ml_collections.ConfigDict()
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
@@ -243,6 +246,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0")
   _check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
   _check(config.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
+  _check(config.rollout.microbatches >= 1, "rollout.microbatches", "must be >= 1")
   _check(config.optim.lr >= 0, "optim.lr", "must be >= 0")
   _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")

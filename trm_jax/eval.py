@@ -27,8 +27,7 @@ import numpy as np
 from trm_jax import config as config_lib
 from trm_jax import sharding as sharding_lib
 from trm_jax.data import pipeline, tasks
-from trm_jax.policy import host_all
-from trm_jax.rollout import sampler as sampler_lib
+from trm_jax.rollout import engine as engine_lib
 
 # ----------------------------------------------------------------------------- the estimators
 
@@ -69,6 +68,7 @@ class EvalSet:
   name: str
   task: Any
   data: dict  # prompt [N,P], prompt_mask [N,P], answer [N,A], answer_mask [N,A]
+  stats: dict = dataclasses.field(default_factory=dict)  # task.stats of the split read: prompts, ...
 
   @property
   def size(self) -> int:
@@ -81,23 +81,26 @@ def set_names(config) -> list[str]:
   return names or [config.data.task]
 
 
-def load_eval_sets(config, tokenizer=None) -> list[EvalSet]:
-  """Reads every eval set whole on every process (eval sets are small: AIME has 30 problems)."""
+def load_eval_sets(config, tokenizer=None, train_task=None) -> list[EvalSet]:
+  """Reads every eval set whole on every process (eval sets are small: AIME has 30 problems); the set
+  named like the training task reuses `train_task` (the task is built once)."""
   out = []
   for name in set_names(config):
     data_cfg = config_lib.with_overrides(config, {"data.task": name}).data
-    task = tasks.task_from_config(data_cfg, tokenizer) if tasks.is_text_task(name) else \
-        tasks.task_from_config(data_cfg)
-    if getattr(task, "is_text", False):
-      split, total = "test", len(task.source("test"))
-      n = min(config.eval.num_prompts, total) if config.eval.num_prompts else total
+    if train_task is not None and name == config.data.task:
+      task = train_task
     else:
-      split, n = "validation", config.eval.num_prompts or config.data.num_eval
+      task = tasks.task_from_config(data_cfg, tokenizer) if tasks.is_text_task(name) else \
+          tasks.task_from_config(data_cfg)
+    split = task.eval_split
+    stats = task.stats(split)
+    total = int(stats["prompts"])
+    n = min(config.eval.num_prompts, total) if config.eval.num_prompts else total
     it = pipeline.make_iterator(data_cfg, split, batch_size=n, seed=config.seed, shuffle=False, num_epochs=1,
                                 rows=np.arange(n))
     batch = next(it)
     out.append(EvalSet(name, task, {k: np.asarray(batch[k]) for k in
-                                    ("prompt", "prompt_mask", "answer", "answer_mask")}))
+                                    ("prompt", "prompt_mask", "answer", "answer_mask")}, stats))
   return out
 
 
@@ -112,7 +115,17 @@ def prompts_per_call(config, n_problems: int, divisor: int) -> int:
 # ----------------------------------------------------------------------------- the evaluator
 
 
-def make_evaluator(config, *, mesh, graphdef, tokenizer, numerics, sets: list[EvalSet] | None = None):
+def eval_engine(config, *, mesh, graphdef, tokenizer, numerics, max_new_tokens: int, rows: int):
+  """The eval's rollout: the eval's own sampling settings, k samples per problem sharing one prefill."""
+  ec = config.eval
+  settings = engine_lib.SamplingSettings(max_new_tokens=max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,
+                                         top_k=0, numerics=numerics, kernel="cached", group_size=ec.k)
+  return engine_lib.RolloutEngine(graphdef, settings, stop_ids=engine_lib.stop_ids(tokenizer),
+                                  pad_id=tokenizer.pad_id, mesh=mesh, batch_size=rows)
+
+
+def make_evaluator(config, *, mesh, graphdef, tokenizer, numerics, sets: list[EvalSet] | None = None,
+                   train_task=None):
   """evaluate(params, rng) -> {metric: float} over every eval set (module docstring), or None if eval is off.
 
   Args:
@@ -121,72 +134,26 @@ def make_evaluator(config, *, mesh, graphdef, tokenizer, numerics, sets: list[Ev
     graphdef: the policy's NNX graph (params come with each call).
     tokenizer: stop ids (`stop_ids`, else `eos_id`) and `pad_id`; text sets also read prompts with it.
     numerics: how the eval samples (the learner's, or the rollout backend's with eval.rollout_numerics).
-    sets: the eval sets (default: `load_eval_sets(config, tokenizer)`).
+    sets: the eval sets (default: `load_eval_sets(config, tokenizer, train_task)`).
+    train_task: the run's task, reused for the eval set of the same name.
   """
   ec = config.eval
   if not ec.every and not ec.at_start:
     return None
-  sets = load_eval_sets(config, tokenizer) if sets is None else sets
-  stop_ids = tuple(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
+  sets = load_eval_sets(config, tokenizer, train_task) if sets is None else sets
   div = sharding_lib.batch_divisor(mesh)
-
-  def sampler_for(T: int):
-    # sampler.sample is compiled once per shape and settings (shared with the rollout's when they agree).
-    return lambda params, prompt, mask, rng: sampler_lib.sample(
-        graphdef, params, prompt, mask, rng, max_new_tokens=T, temperature=ec.temperature, top_p=ec.top_p,
-        eos_id=stop_ids, pad_id=tokenizer.pad_id, numerics=numerics, kernel="cached", group_size=ec.k)
-
-  device_reward = {}
-
-  def score(es: EvalSet, out, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(reward [B], correct [B], extra metrics) of a call's rows (global problem index per row)."""
-    answer, answer_mask = es.data["answer"][rows], es.data["answer_mask"][rows]
-    if getattr(es.task, "is_text", False):
-      r = es.task.reward_host(host_all(out.tokens), host_all(out.mask), answer, answer_mask)
-      return np.asarray(r.reward, np.float64), np.asarray(r.correct, bool), dict(r.metrics)
-    if es.name not in device_reward:
-      device_reward[es.name] = jax.jit(es.task.reward)
-    sharded = sharding_lib.shard_batch(_local({"answer": answer, "answer_mask": answer_mask}, mesh), mesh)
-    reward = host_all(device_reward[es.name](out.tokens, out.mask, sharded["answer"], sharded["answer_mask"]))
-    return reward.astype(np.float64), reward >= 1.0, {}
+  engines = []
+  for es in sets:
+    m = prompts_per_call(config, es.size, div)
+    engines.append((m, eval_engine(config, mesh=mesh, graphdef=graphdef, tokenizer=tokenizer, numerics=numerics,
+                                   max_new_tokens=ec.max_new_tokens or es.task.response_len, rows=m * ec.k)))
 
   def evaluate(params, rng) -> dict:
     metrics = {}
-    for s, es in enumerate(sets):
-      T = ec.max_new_tokens or es.task.response_len
-      sample = sampler_for(T)
-      m = prompts_per_call(config, es.size, div)
-      n_calls = -(-es.size // m)
-      correct = np.zeros((n_calls * m, ec.k), bool)
-      reward = np.zeros((n_calls * m, ec.k))
-      length = np.zeros((n_calls * m, ec.k))
-      clipped = np.zeros((n_calls * m, ec.k))
-      extra: dict[str, float] = {}
-      for c in range(n_calls):
-        # Problems c*m .. c*m+m-1; past the end the last problem is repeated and dropped from the metrics.
-        problems = np.minimum(np.arange(c * m, (c + 1) * m), es.size - 1)
-        rows = np.repeat(problems, ec.k)
-        batch = sharding_lib.shard_batch(_local({"prompt": es.data["prompt"][rows],
-                                                 "prompt_mask": es.data["prompt_mask"][rows]}, mesh), mesh)
-        out = sample(params, batch["prompt"], batch["prompt_mask"], jax.random.fold_in(jax.random.fold_in(rng, s), c))
-        r, ok, more = score(es, out, rows)
-        sl = slice(c * m, (c + 1) * m)
-        correct[sl], reward[sl] = ok.reshape(m, ec.k), r.reshape(m, ec.k)
-        length[sl] = host_all(out.mask).sum(-1).reshape(m, ec.k)
-        clipped[sl] = host_all(out.clipped).reshape(m, ec.k)
-        for key, v in more.items():  # counts add up over calls; fractions and means are averaged
-          extra[key] = extra.get(key, 0.0) + float(v) / (1 if key.endswith(("timeouts", "errors")) else n_calls)
-      n = es.size
-      correct, reward, length, clipped = correct[:n], reward[:n], length[:n], clipped[:n]
-      p = f"eval/{es.name}/"
-      metrics[f"{p}avg@{ec.k}"] = avg_at_k(correct)
-      for j in sorted({ec.k, *(int(j) for j in ec.pass_k if int(j) <= ec.k)}):
-        metrics[f"{p}pass@{j}"] = pass_at_k(correct, j)
-      metrics[f"{p}reward_mean"] = float(reward.mean())
-      metrics[f"{p}response_length_mean"] = float(length.mean())
-      metrics[f"{p}clip_frac"] = float(clipped.mean())
-      metrics.update({f"{p}{k.replace('reward/', 'reward_')}": v for k, v in extra.items()})
+    for s, (es, (m, engine)) in enumerate(zip(sets, engines)):
+      metrics.update(_evaluate_set(config, es, engine, m, params, jax.random.fold_in(rng, s)))
       if s == 0:
+        p = f"eval/{es.name}/"
         metrics.update({"eval/reward_mean": metrics[f"{p}reward_mean"], "eval/solved_frac": metrics[f"{p}avg@{ec.k}"],
                         "eval/response_length_mean": metrics[f"{p}response_length_mean"]})
     return metrics
@@ -194,9 +161,30 @@ def make_evaluator(config, *, mesh, graphdef, tokenizer, numerics, sets: list[Ev
   return evaluate
 
 
-def _local(tree: dict, mesh) -> dict:
-  """This process's rows of a global numpy batch (all rows on one process)."""
-  if jax.process_count() == 1:
-    return tree
-  rows = sharding_lib.host_rows(mesh, len(next(iter(tree.values()))))
-  return {k: v[rows] for k, v in tree.items()}
+def _evaluate_set(config, es: EvalSet, engine, m: int, params, rng) -> dict:
+  """Every problem of `es` k times, in calls of m problems; the metrics of the module docstring."""
+  k = config.eval.k
+  n_calls = -(-es.size // m)
+  cols = {key: np.zeros((n_calls * m, k)) for key in ("correct", "reward", "length", "clipped")}
+  extra: dict[str, float] = {}
+  for c in range(n_calls):
+    # Problems c*m .. c*m+m-1; past the end the last problem is repeated and dropped from the metrics.
+    rows = np.repeat(np.minimum(np.arange(c * m, (c + 1) * m), es.size - 1), k)
+    out, r = engine.sample_scored(params, {key: v[rows] for key, v in es.data.items()}, jax.random.fold_in(rng, c),
+                                  es.task.score)
+    sl = slice(c * m, (c + 1) * m)
+    for key, v in (("correct", r.correct), ("reward", r.reward), ("length", out["mask"].sum(-1)),
+                   ("clipped", out["clipped"])):
+      cols[key][sl] = np.asarray(v, np.float64).reshape(m, k)
+    for key, v in r.metrics.items():  # counts add up over calls; fractions and means are averaged
+      extra[key] = extra.get(key, 0.0) + float(v) / (1 if key.endswith(("timeouts", "errors")) else n_calls)
+  cols = {key: v[:es.size] for key, v in cols.items()}
+  p = f"eval/{es.name}/"
+  metrics = {f"{p}avg@{k}": avg_at_k(cols["correct"] > 0)}
+  for j in sorted({k, *(int(j) for j in config.eval.pass_k if int(j) <= k)}):
+    metrics[f"{p}pass@{j}"] = pass_at_k(cols["correct"] > 0, j)
+  metrics[f"{p}reward_mean"] = float(cols["reward"].mean())
+  metrics[f"{p}response_length_mean"] = float(cols["length"].mean())
+  metrics[f"{p}clip_frac"] = float(cols["clipped"].mean())
+  metrics.update({f"{p}{key.replace('reward/', 'reward_')}": v for key, v in extra.items()})
+  return metrics

@@ -5,8 +5,8 @@
 
 libtpu (`pip install "jax[tpu]"`) compiles for real TPU chips on a CPU-only machine
 (`jax.experimental.topologies`). With abstract parameters (nnx.eval_shape: nothing allocated) this
-compiles exactly the trainer's programs (`trainer.make_rollout_sampler`, `learner.make_learner_step`,
-the optimizer's init) on the config's mesh over the topology's chips, and prints per chip: parameter,
+compiles exactly the trainer's programs (the rollout engine's sampler program, `learner.make_learner_step`,
+the optimizer's init, all from `build.Run`) on the config's mesh over the topology's chips, and prints per chip: parameter,
 optimizer, batch, activation / temp and KV-cache bytes against the chip's HBM, the FLOPs of
 one step, a roofline step time (FLOPs / peak bf16 FLOP/s, and for the memory-bound
 decode bytes / HBM bandwidth; ICI traffic is not modelled), any large array left replicated, and a
@@ -160,17 +160,18 @@ def _cost(compiled) -> dict:
 
 def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> dict:
   """Compiles the trainer's sampler and learner update for `topology`; returns the per-chip report dict."""
+  from trm_jax import build
   from trm_jax import config as config_lib
   from trm_jax import learner as learner_lib
   from trm_jax import sharding as sharding_lib
-  from trm_jax import trainer
   from trm_jax.rollout.batch import RolloutBatch
 
   config_lib.validate(config)
   gen, _ = parse_topology(topology)
   chip = CHIPS[gen]
   devices = topology_devices(topology)
-  setup = trainer.Setup(config, devices=devices)
+  setup = build.Run(config, devices=devices)
+  engine = build.rollout_engine(setup)
   cfg, mesh, n = config, setup.mesh, len(devices)
   B, P, T = setup.batch_size, setup.task.prompt_len, setup.task.response_len
   rep = sharding_lib.replicated(mesh)
@@ -181,11 +182,12 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
   opt_state = jax.tree.map(_sds, jax.eval_shape(setup.tx.init, params), opt_shardings)
   state = learner_lib.TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32,
                                                                                                  sharding=rep))
-  # The rollout sampler, with the prompt batch as the pipeline gives it (int32 ids and mask).
+  # The rollout sampler (one slice of rollout.microbatches), with the prompts as the pipeline gives them.
   prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
+  rows = jax.ShapeDtypeStruct((engine.slice_rows, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-  sampler, sampler_error = _compile(trainer.make_rollout_sampler(setup).lower(params, prompt, prompt, rng))
-  out = jax.eval_shape(trainer.make_rollout_sampler(setup), params, prompt, prompt, rng)
+  sampler, sampler_error = _compile(engine.program.lower(params, rows, rows, rng))
+  out = jax.eval_shape(engine.generate, params, prompt, prompt, rng)
   # What the learner receives: the sampler's output layout (batch-sharded where it cannot be read).
   out = jax.tree.map(_sds, out, sampler.output_shardings if sampler is not None else
                      jax.tree.map(lambda x: sharding_lib.batch_sharding(mesh, x.ndim) if x.ndim else rep, out))

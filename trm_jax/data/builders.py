@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from trm_jax.data import tasks
 
 SPLITS = ("train", "validation", "test")
-DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = 2048, 256
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = tasks.DEFAULT_NUM_TRAIN, tasks.DEFAULT_NUM_EVAL
 HORIZONS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # predefined configs; any other horizon works too
 
 

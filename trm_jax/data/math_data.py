@@ -272,9 +272,10 @@ class PromptSource:
   def __getitem__(self, i):
     return {"prompt": self.prompts[i], "answer": self.answers[i]}
 
-  def stats(self, prefix: str) -> dict:
-    return {f"{prefix}/prompts": float(len(self)), f"{prefix}/prompts_dropped_long": float(self.num_dropped),
-            f"{prefix}/answers_dropped_long": float(self.num_long_answers)}
+  def stats(self) -> dict:
+    """{"prompts": kept, "prompts_dropped_long": over prompt_len, "answers_dropped_long": over answer_len}."""
+    return {"prompts": float(len(self)), "prompts_dropped_long": float(self.num_dropped),
+            "answers_dropped_long": float(self.num_long_answers)}
 
 
 def prepare_prompts(name: str, split: str, manual_dir: str, data_dir: str | None, tokenizer, *, prompt_len: int,

@@ -6,7 +6,8 @@ compared as a string to the normalised ground truth; reward +1 if equal, -1 othe
 2025, section 3; verl `utils/reward_score/math_dapo.py`). `kind="math_verify"` uses Hugging Face's
 math-verify (symbolic equality: `\\frac{1}{2}` == `0.5`) in worker processes with a per-answer wall
 timeout, because its own timeouts use `signal.alarm` (main thread only) and its parser can hang: a timeout
-or a crash of the checker is reward 0 and is counted (`reward/timeouts`, `reward/errors`), never fatal.
+or a crash of the checker scores as a wrong answer (-1, verl's convention: a policy that makes the checker
+hang earns nothing for it) and is counted (`reward/timeouts`, `reward/errors`), never fatal.
 
 Optional overlong shaping (DAPO section 3.4, "soft overlong punishment"): with buffer B and maximum
 response length L_max, a response of L tokens gets `min(-(L - (L_max - B)) / B * factor, 0)` added.
@@ -37,7 +38,7 @@ _REMOVED = ("square", "ways", "integers", "dollars", "mph", "inches", "hours", "
 
 
 class RewardOutput(NamedTuple):
-  reward: np.ndarray   # [N] float32: +1 / -1 (0 on checker timeout or crash) + overlong penalty
+  reward: np.ndarray   # [N] float32: +1 / -1 (-1 on checker timeout or crash too) + overlong penalty
   correct: np.ndarray  # [N] bool: the answer is right (what avg@k / pass@k count)
   metrics: dict        # scalars: reward/timeouts, reward/errors, reward/answer_frac, reward/overlong_mean
 
@@ -81,6 +82,11 @@ def overlong_penalty(lengths, max_len: int, buffer_len: int, factor: float = 1.0
     raise ValueError(f"overlong buffer_len={buffer_len} must be in [1, max_len={max_len}]")
   exceed = np.asarray(lengths, np.float64) - (max_len - buffer_len)
   return np.minimum(-exceed / buffer_len * factor, 0.0).astype(np.float32)
+
+
+def reward_range(overlong_buffer: int = 0, overlong_factor: float = 1.0) -> tuple[float, float]:
+  """(min, max) of `MathReward`: +1 / -1, minus at most `overlong_factor` of overlong penalty (L <= L_max)."""
+  return (-1.0 - (max(overlong_factor, 0.0) if overlong_buffer else 0.0)), 1.0
 
 
 def math_verify_check(response: str, ground_truth: str) -> bool:
@@ -257,9 +263,8 @@ class MathReward:
       reward = np.where(correct, 1.0, -1.0).astype(np.float32)
     else:
       verdicts, timeouts, errors = self.pool.map(list(responses), list(answers))
-      correct = np.array([v is True for v in verdicts], bool).reshape(n)
-      failed = np.array([v is None for v in verdicts], bool).reshape(n)
-      reward = np.where(failed, 0.0, np.where(correct, 1.0, -1.0)).astype(np.float32)
+      correct = np.array([v is True for v in verdicts], bool).reshape(n)  # None (timeout / crash) is wrong
+      reward = np.where(correct, 1.0, -1.0).astype(np.float32)
     penalty = np.zeros(n, np.float32)
     if self.overlong_buffer:
       if lengths is None:
@@ -270,6 +275,11 @@ class MathReward:
                if n else 0.0,
                "reward/overlong_mean": float(penalty.mean()) if n else 0.0}
     return RewardOutput(reward + penalty, correct, metrics)
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    """(min, max) reward as configured (`reward_range`)."""
+    return reward_range(self.overlong_buffer, self.overlong_factor)
 
   def close(self) -> None:
     if self.pool is not None:

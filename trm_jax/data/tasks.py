@@ -33,9 +33,11 @@ import functools
 import json
 from typing import Any, ClassVar, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trm_jax.data import rewards
 from trm_jax.data.tokenizer import EOS_ID, Tokenizer, _pad_batch
 
 _TOK = Tokenizer()
@@ -43,6 +45,7 @@ DELIMITER = "="
 DELIMITER_ID = _TOK.encode(DELIMITER)[0]
 PARTIAL_SCALE = 0.5  # partial credit never reaches a correct answer's reward
 MIN_SIZE = 2  # smaller problems are trivial; a horizon that cannot fit them is rejected
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_EVAL = 2048, 256  # split sizes of the synthetic datasets
 
 
 class Example(NamedTuple):
@@ -94,9 +97,13 @@ class Task:
   name: ClassVar[str]
   keyword: ClassVar[str]
   is_text: ClassVar[bool] = False  # synthetic: character tokenizer, jnp reward on ids
+  has_warmstart_targets: ClassVar[bool] = True  # batches carry `target`: the correct response + EOS
+  eval_split: ClassVar[str] = "validation"  # the split evaluation reads
   horizon: int
   size: int
   min_size: int
+  num_train: int = DEFAULT_NUM_TRAIN  # examples in the train split (stats only: the builder holds them)
+  num_eval: int = DEFAULT_NUM_EVAL    # examples in each of the validation and test splits
 
   @property
   def response_len(self) -> int:
@@ -123,6 +130,35 @@ class Task:
     """[B] float32 reward in [0, 1]; see `answer_reward` and the module docstring."""
     return answer_reward(response, response_mask, answer, answer_mask)
 
+  @property
+  def tokenizer(self) -> Tokenizer:
+    """The character tokenizer every synthetic task uses."""
+    return _TOK
+
+  @property
+  def device_reward(self):
+    """The jittable jnp reward(tokens, mask, answer, answer_mask) -> [B] f32 (None on text tasks)."""
+    return self.reward
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    """(min, max) of `answer_reward`: 0 (wrong / malformed / truncated) to 1 (exact)."""
+    return 0.0, 1.0
+
+  def stats(self, split: str) -> dict:
+    """Counts of `split`: {"prompts": its size, "prompts_dropped_long": 0} (every prompt fits P)."""
+    sizes = {"train": self.num_train, "validation": self.num_eval, "test": self.num_eval}
+    if split not in sizes:
+      raise ValueError(f"unknown split {split!r}; known: {list(sizes)}")
+    return {"prompts": float(sizes[split]), "prompts_dropped_long": 0.0}
+
+  def score(self, tokens, mask, answer, answer_mask) -> rewards.RewardOutput:
+    """Host-side scoring of numpy arrays: the jnp reward run on the CPU; correct = reward 1."""
+    with jax.default_device(jax.devices("cpu")[0]):
+      reward = np.asarray(_host_reward(np.asarray(tokens), np.asarray(mask), np.asarray(answer),
+                                       np.asarray(answer_mask)), np.float32)
+    return rewards.RewardOutput(reward, reward >= 1.0, {})
+
   # Per-task formulas: worst case over problems of size n.
   @staticmethod
   def prompt_chars(n: int) -> int:
@@ -138,6 +174,9 @@ class Task:
 
   def _example(self, digits: np.ndarray, rng: np.random.Generator) -> Example:
     raise NotImplementedError
+
+
+_host_reward = jax.jit(answer_reward)  # compiled once per shape; `Task.score` runs it on the CPU
 
 
 def _s(digits) -> str:
@@ -268,7 +307,7 @@ def default_text_config():
   c.extra_stop_tokens = ""     # comma-separated tokens that also end a response (e.g. "<|im_end|>" for a
   #                              base model whose eos is <|endoftext|>); added to the tokenizer's stop ids
   c.reward = "dapo"            # dapo (DAPO rule checker, +1/-1) | math_verify (worker processes)
-  c.reward_timeout = 10.0      # math_verify: wall seconds per answer; a timeout is reward 0, counted
+  c.reward_timeout = 10.0      # math_verify: wall seconds per answer; a timeout scores as wrong (-1), counted
   c.reward_workers = 4         # math_verify: checker processes
   c.overlong_buffer = 0        # DAPO soft overlong punishment buffer in tokens; 0 = off (DAPO: 4096)
   c.overlong_factor = 1.0      # its penalty factor (DAPO: 1.0)
@@ -294,6 +333,9 @@ class TextTask:
   answer [A] = the ground truth's UTF-8 bytes, right padded, answer_mask [A]. No warm-start target.
   """
   is_text: ClassVar[bool] = True
+  has_warmstart_targets: ClassVar[bool] = False  # zero-RL: no supervised targets
+  eval_split: ClassVar[str] = "test"  # the split evaluation reads (the only one an AIME set has)
+  device_reward: ClassVar[None] = None  # scored on the host only (decode + checker)
   name: str
   horizon: int          # T: max response tokens
   prompt_len: int       # P
@@ -323,8 +365,13 @@ class TextTask:
                      self.answer_len, self.chat_template, self.template_kwargs)
 
   def stats(self, split: str) -> dict:
-    """Counts to log once: data/<name>/prompts, .../prompts_dropped_long, .../answers_dropped_long."""
-    return self.source(split).stats(f"data/{self.name}")
+    """Counts of `split` to log once: prompts (kept), prompts_dropped_long, answers_dropped_long."""
+    return self.source(split).stats()
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    """(min, max) reward as configured: -1 / +1, the overlong penalty extending the minimum."""
+    return rewards.reward_range(self.overlong_buffer, self.overlong_factor)
 
   def encode_example(self, ex: dict) -> dict:
     """Pads one source element {"prompt": ids, "answer": bytes} into the batch layout (class docstring)."""
@@ -341,7 +388,7 @@ class TextTask:
 
   def decode_responses(self, tokens, mask) -> list[str]:
     """Response texts (special tokens such as the stop token dropped) of `tokens` / `mask` [N, T]."""
-    return self.tokenizer.decode_batch(tokens, mask)
+    return self.tokenizer.decode_batch(tokens, mask, skip_special_tokens=True)
 
   def reward_text(self, responses: list[str], answers: list[str], lengths=None):
     """`rewards.RewardOutput` (reward [N] f32, correct [N] bool, metrics) of decoded responses."""
@@ -349,17 +396,18 @@ class TextTask:
                           self.reward_timeout, self.reward_workers)
     return reward(responses, answers, lengths)
 
-  def reward_host(self, tokens, mask, answer, answer_mask):
+  def score(self, tokens, mask, answer, answer_mask) -> rewards.RewardOutput:
     """The same from host numpy arrays: response `tokens`/`mask` [N, T], `answer`/`answer_mask` [N, A]."""
     mask = np.asarray(mask)
     return self.reward_text(self.decode_responses(tokens, mask), self.decode_answers(answer, answer_mask),
                             (mask > 0).sum(-1))
 
+  reward_host = score  # the former name
+
 
 @functools.lru_cache(maxsize=8)
 def _math_reward(kind, max_len, overlong_buffer, overlong_factor, timeout, num_workers):
   """One `rewards.MathReward` per setting, so tasks built from the same config share its worker pool."""
-  from trm_jax.data import rewards  # pylint: disable=g-import-not-at-top
   return rewards.MathReward(kind, max_len=max_len, overlong_buffer=overlong_buffer, overlong_factor=overlong_factor,
                             timeout=timeout, num_workers=num_workers)
 
@@ -374,7 +422,6 @@ def _prepared(dataset, split, manual_dir, data_dir, tokenizer, prompt_len, answe
 
 def check_text_config(data_cfg) -> None:
   """Raises ValueError naming the field if a text task's `data` config is inconsistent (no file access)."""
-  from trm_jax.data import rewards  # pylint: disable=g-import-not-at-top
   t = data_cfg.text
   if data_cfg.task not in TEXT_TASKS:
     raise ValueError(f"data.task={data_cfg.task!r} is not a text task; known: {sorted(TEXT_TASKS)}")
@@ -393,6 +440,8 @@ def check_text_config(data_cfg) -> None:
       kwargs = None
     if not isinstance(kwargs, dict):
       raise ValueError(f"data.text.chat_template_kwargs={t.chat_template_kwargs!r} is not a JSON object")
+  if t.overlong_factor < 0:
+    raise ValueError(f"data.text.overlong_factor={t.overlong_factor} must be >= 0 (a penalty, never a bonus)")
   if t.overlong_buffer and not 0 < t.overlong_buffer <= data_cfg.horizon:
     raise ValueError(f"data.text.overlong_buffer={t.overlong_buffer} must be in [0, data.horizon={data_cfg.horizon}]")
 
@@ -413,4 +462,6 @@ def task_from_config(data_cfg, tokenizer=None):
   """The synthetic `Task` or the `TextTask` that `data_cfg` names."""
   if is_text_task(data_cfg.task):
     return text_task_from_config(data_cfg, tokenizer)
-  return get_task(data_cfg.task, data_cfg.horizon, data_cfg.size or None, data_cfg.min_size or None)
+  task = get_task(data_cfg.task, data_cfg.horizon, data_cfg.size or None, data_cfg.min_size or None)
+  return dataclasses.replace(task, num_train=data_cfg.get("num_train", DEFAULT_NUM_TRAIN),
+                             num_eval=data_cfg.get("num_eval", DEFAULT_NUM_EVAL))
