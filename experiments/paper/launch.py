@@ -1,13 +1,11 @@
 """Launching the runs of a figure: one warm start per key, a shared compile cache, two runs at a time.
 
-Warm-start reuse. `trm_jax.trainer.train` warm-starts every run itself (300 supervised steps, ~50 s on
+Warm-start reuse. `trm_jax.trainer.train` warm-starts every run itself (300 supervised steps, ~50-100 s on
 2 CPU cores, about as long as 40 RL steps). Runs that share (seed, model, data, warmstart, optim,
 learner, mesh, staleness) start from bit-identical warm-started parameters, so we warm-start once per such
-key (a run with `rl.steps=0`, which saves checkpoint 0 right after the warm start) and copy that
-checkpoint 0 into each run's workdir before launching it. The trainer's resume path then restores
-learner state, optimizer state, stale rollout snapshots and the data iterators' positions from it;
-a resumed run continues exactly as an uninterrupted one, so the result is the same run, minus the
-repeated warm start.
+key (a run with `rl.steps=0`, which saves checkpoint 0 right after the warm start) and start each run from
+it with `--config.warmstart.init_from=<that workdir>`: the trainer takes the learner parameters of its newest
+checkpoint and skips its own warm start (a fresh optimizer and data iterators, as after a warm start).
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from typing import Iterable
 
 from experiments import common
 from experiments.paper import results
-from experiments.paper.runspec import RunSpec, outside_warm_key, warm_key
+from experiments.paper.runspec import RunSpec, warm_key
 
 
 def run_env() -> dict:
@@ -44,19 +42,18 @@ def _run_logged(cmd: list[str], log_path: str) -> int:
 
 
 def ensure_warm(spec: RunSpec, runs_dir: str) -> str:
-  """Path of a checkpoint-0 directory holding the warm-started state for `spec` (made if missing)."""
+  """The workdir of the warm-start run for `spec` (made if missing): its checkpoint 0 holds the parameters."""
   warm_dir = os.path.join(runs_dir, "_warm", warm_key(spec))
-  ck = os.path.join(warm_dir, "checkpoints", "0")
-  if os.path.isdir(ck):
-    return ck
+  if os.path.isdir(os.path.join(warm_dir, "checkpoints", "0")):
+    return warm_dir
   if os.path.isdir(warm_dir):
     shutil.rmtree(warm_dir)  # an interrupted warm start
   cmd = spec.command(runs_dir, extra={"rl.steps": 0})
   cmd[-1] = f"--workdir={warm_dir}"
   rc = _run_logged(cmd, warm_dir + ".log")
-  if rc != 0 or not os.path.isdir(ck):
+  if rc != 0 or not os.path.isdir(os.path.join(warm_dir, "checkpoints", "0")):
     raise RuntimeError(f"warm start for {spec.name} failed (rc={rc}); see {warm_dir}.log")
-  return ck
+  return warm_dir
 
 
 def run_one(spec: RunSpec, runs_dir: str, *, reuse_warm: bool = True) -> tuple[str, float, int]:
@@ -95,22 +92,10 @@ def _claim(wd: str) -> bool:
 
 
 def _run_claimed(spec: RunSpec, runs_dir: str, reuse_warm: bool) -> tuple[str, float, int]:
-  wd = spec.workdir(runs_dir)
   t0 = time.time()
-  ck_dir = os.path.join(wd, "checkpoints")
-  has_ckpt = os.path.isdir(ck_dir) and any(d.isdigit() for d in os.listdir(ck_dir))
-  if reuse_warm and not has_ckpt:
-    ck = ensure_warm(spec, runs_dir)
-    os.makedirs(ck_dir, exist_ok=True)
-    shutil.copytree(ck, os.path.join(ck_dir, "0"))
-    with open(os.path.join(wd, "warm_start_from.txt"), "w") as f:
-      f.write(os.path.relpath(ck, wd) + "\n")
-  cmd = spec.command(runs_dir)
-  if os.path.exists(os.path.join(wd, "warm_start_from.txt")):
-    # Checkpoint 0 came from the warm-start run of the same warm_key: the trainer's resume identity check
-    # (checkpoint.ALLOWED_CHANGES) must let every field outside that key differ.
-    cmd.insert(-1, "--allow_config_change=" + ",".join(outside_warm_key(spec)))
-  rc = _run_logged(cmd, os.path.join(wd, "run.log"))
+  # A run that has checkpoints of its own resumes from them (the trainer ignores init_from then).
+  extra = {"warmstart.init_from": ensure_warm(spec, runs_dir)} if reuse_warm else None
+  rc = _run_logged(spec.command(runs_dir, extra=extra), os.path.join(spec.workdir(runs_dir), "run.log"))
   return spec.name, time.time() - t0, rc
 
 

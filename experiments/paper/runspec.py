@@ -74,11 +74,3 @@ def warm_key(spec: RunSpec) -> str:
   parts["warmstart"].pop("init_from", None)  # where the parameters come from, not what they are
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def outside_warm_key(spec: RunSpec) -> list[str]:
-  """Config field patterns warm_key does not hash: they may differ from the warm-start run's config."""
-  c = spec.load()
-  keyed = WARM_SECTIONS + ("seed",)
-  return [f"{k}.*" if hasattr(c[k], "keys") else k for k in c.keys() if k not in keyed] + [
-      "data.num_threads", "data.prefetch"]
