@@ -1,6 +1,6 @@
 """trm_jax.plan: ahead-of-time TPU compilation of the trainer's programs, and sharding at pod scale.
 
-Needs libtpu (`pip install -e ".[test]"` installs it); skipped, with the reason, where it cannot be
+Needs libtpu (`pip install -e ".[tpu]"` installs it); skipped, with the reason, where it cannot be
 imported. Nothing runs on a TPU: the programs are compiled for a v5e 2x2 / 4x4 slice on this CPU.
 """
 import numpy as np

@@ -14,8 +14,10 @@ import pytest
 
 from trm_jax import checkpoint as ckpt_lib
 from trm_jax import config as config_lib
+from trm_jax import guard
 from trm_jax import metrics as metrics_lib
 from trm_jax import trainer
+from trm_jax import warmstart as warmstart_lib
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +119,7 @@ def test_allowed_change_continues_and_keeps_history(base_run, data_dir, tmp_path
   assert [h["event"] for h in history] == ["start", "resume"]
   assert history[1]["step"] == 2 and history[1]["changes"]["trm.delta"] == [0.05, 0.07]
   assert history[1]["changes"]["rl.steps"] == [2, 3]
-  assert steps_of(workdir) == [1, 2, 3]
+  assert steps_of(workdir) == [0, 1, 2, 3]  # step 0: the data counts
   # The checkpoint now carries the new identity: a resume with the old delta is a change again.
   with pytest.raises(ckpt_lib.RunError, match=r"trm\.delta: 0\.07 -> 0\.05"):
     trainer.train(cfg(data_dir, **{"rl.steps": 4}), workdir)
@@ -155,7 +157,7 @@ def test_damaged_newest_step_falls_back_and_is_kept(base_run, data_dir, tmp_path
   assert len(damaged) == 1 and os.listdir(damaged[0])  # moved aside, not deleted
   # 5. Metrics after a resume: step 2 was logged, then redone from checkpoint 1; it appears once
   # (the old row dropped by an atomic rewrite, TensorBoard told to purge it), not twice.
-  assert steps_of(workdir) == [1, 2, 3]
+  assert steps_of(workdir) == [0, 1, 2, 3]  # step 0: the data counts
   assert no_duplicate_tensorboard_steps(os.path.join(workdir, "tb"))
 
 
@@ -293,7 +295,6 @@ def test_workdir_that_is_a_file(data_dir, tmp_path):
 
 
 def test_bound_curves_on_a_clean_clone_keeps_committed_figures(tmp_path, monkeypatch):
-  sys.path.insert(0, REPO)
   from experiments import bound_curves, common
   figures = tmp_path / "figures"
   shutil.copytree(os.path.join(REPO, "experiments", "figures"), figures)
@@ -313,15 +314,13 @@ def test_a_nan_policy_is_reported_as_nan_and_stops(data_dir, tmp_path, monkeypat
   metrics.jsonl), never a healthy-looking kl 0 / accept 1, and the run stops at step 1."""
   import jax
   import jax.numpy as jnp
-  warmstart = trainer._warmstart
+  supervised = warmstart_lib.supervised
 
-  def nan_warmstart(setup, state, history, *args):
-    state, history = warmstart(setup, state, history, *args)
-    nan = jax.tree.map(lambda x: x * jnp.nan, state.params)
-    return state.replace(params=nan), history
+  def nan_warmstart(*args):
+    return jax.tree.map(lambda x: x * jnp.nan, supervised(*args))
 
-  monkeypatch.setattr(trainer, "_warmstart", nan_warmstart)
-  monkeypatch.setattr(trainer, "_check_finite", lambda tree, what="": None)  # let it reach the learner
+  monkeypatch.setattr(warmstart_lib, "supervised", nan_warmstart)
+  monkeypatch.setattr(guard, "check_finite", lambda tree, what="": None)  # let it reach the learner
   workdir = str(tmp_path / "run")
   with pytest.raises(ckpt_lib.RunError, match=r"step 1: .*non-finite .*learner or rollout parameters"):
     trainer.train(cfg(data_dir, **{"eval.every": 1, "eval.num_prompts": 8, "checkpoint.every": 0}), workdir)
@@ -338,5 +337,5 @@ def test_no_checkpoint_from_nonfinite_state():
   tree = {"state": {"w": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}}
   with pytest.raises(ckpt_lib.RunError, match=r"refusing to write checkpoint 3: non-finite values in 1 arrays, "
                                               r"e\.g\. \['state'\]\['b'\]"):
-    trainer._check_finite(tree, "refusing to write checkpoint 3")
-  trainer._check_finite({"w": jnp.ones(3)})
+    guard.check_finite(tree, "refusing to write checkpoint 3")
+  guard.check_finite({"w": jnp.ones(3)})
