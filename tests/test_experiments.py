@@ -244,3 +244,31 @@ def test_rivals_figure_runs_validate():
     assert c.rl.steps == 4 and c.rollout.backend.logit_noise_scale == args.noise_scale
     if m in ("cppo", "dppo"):
       assert (c.baseline.kind, c.trm.criterion) == (m, "none")
+
+
+def test_run_all_warm_starts_once_per_key_and_starts_runs_from_it(tmp_path, monkeypatch):
+  """Two seeds x two methods: 2 warm-start runs (rl.steps=0), 4 runs with warmstart.init_from = their seed's."""
+  from experiments.paper import launch
+  calls = []
+
+  def fake_run(cmd, log_path):
+    calls.append(cmd)
+    if "--config.rl.steps=0" in cmd:  # what a real warm-start run leaves behind
+      os.makedirs(os.path.join(cmd[-1].split("=", 1)[1], "checkpoints", "0"))
+    return 0
+
+  monkeypatch.setattr(launch, "_run_logged", fake_run)
+  args = paper_figures.parse_args(["--steps", "3", "--runs_dir", str(tmp_path)])
+  specs = [paper_figures.method_spec(m, s, args) for m in ("trm_max", "ppo_clip") for s in (0, 1)]
+  launch.run_all(specs, str(tmp_path), parallel=1, verbose=False)
+  warm = [c for c in calls if "--config.rl.steps=0" in c]
+  runs = [c for c in calls if "--config.rl.steps=0" not in c]
+  assert len(warm) == 2 and len(runs) == 4  # breaks if every run warm-starts itself or keys ignore the seed
+  assert not any("init_from" in " ".join(c) for c in warm)
+  by_seed = {}
+  for c in runs:
+    (init,) = [a for a in c if a.startswith("--config.warmstart.init_from=")]
+    by_seed.setdefault(c[3].split("seed=")[1].split(",")[0], set()).add(init.split("=", 1)[1])
+  assert {k: len(v) for k, v in by_seed.items()} == {"0": 1, "1": 1} and by_seed["0"] != by_seed["1"]
+  assert {os.path.dirname(next(iter(v))) for v in by_seed.values()} == {str(tmp_path / "_warm")}
+  assert not any(os.path.isdir(os.path.join(s.workdir(str(tmp_path)), "checkpoints")) for s in specs)  # no copies
