@@ -7,7 +7,8 @@ setuptools.setup(
     description="Trust Region Masking for long-horizon LLM reinforcement learning, in JAX/Flax NNX.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["trm_jax", "trm_jax.*"]),
+    # experiments/ installs too, so `python -m experiments.benchmarks.bench` works from any directory.
+    packages=setuptools.find_packages(include=["trm_jax", "trm_jax.*", "experiments", "experiments.*"]),
     python_requires=">=3.10",
     # Loose pins: lower bounds are the versions this was built and tested with
     # (jax 0.10 here, 0.11 on the GPU machines); pods run newer.
@@ -34,10 +35,12 @@ setuptools.setup(
         "math-verify>=0.7",  # optional math reward checker (data.text.reward=math_verify), in worker processes
     ],
     extras_require={
-        # jax[tpu] brings libtpu (matching jax) so tests/test_plan.py can compile for a TPU topology on
-        # this CPU (trm_jax.plan); it only installs where libtpu wheels exist.
-        "test": ["pytest>=8", "jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        # experiments/bench.py compares the sampler with HF transformers (PyTorch on CPU).
+        "test": ["pytest>=8"],
+        # jax[tpu] brings libtpu (matching jax), the ahead-of-time compiler `python -m trm_jax.plan` (and
+        # tests/test_plan.py) uses to compile for a TPU topology on a CPU. Its own extra: where libtpu is
+        # installed but no TPU is attached, every `import jax` prints TPU-discovery warnings.
+        "tpu": ["jax[tpu]; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # python -m experiments.benchmarks.bench compares with HF transformers / PyTorch on CPU.
         "bench": ["torch>=2.3", "transformers>=4.51"],  # Qwen3 + logits_to_keep
     },
 )

@@ -1,19 +1,16 @@
-"""Fast tests of experiments/*.py and configs/pod_*.py (no training; seconds)."""
+"""Fast tests of the experiments.paper package and configs/pod_*.py (no training; seconds)."""
 import csv
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from experiments import bound_curves, common, paper_figures, sweep  # noqa: E402
-from trm_jax import bounds  # noqa: E402
-from trm_jax import config as config_lib  # noqa: E402
+from experiments.paper import bound_curves, results, sweep
+from experiments.paper import figures as paper_figures
+from trm_jax import bounds
+from trm_jax import config as config_lib
 
 
 def _read_csv(path):
@@ -145,14 +142,14 @@ def test_sweep_summary_fraction_certified(tmp_path):
   assert s["final_eval"] == pytest.approx(0.7)
 
 
-# ----------------------------------------------------------------------------- paper_figures
+# ----------------------------------------------------------------------------- figures
 
 
 def test_aggregate_mean_and_spread():
   runs = [[{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 3, "x": None}],
           [{"step": 1, "x": 3.0}, {"step": 2, "x": 6.0}, {"step": 3, "x": 1.0}],
           [{"step": 1, "x": 5.0}, {"step": 2, "x": 4.0}]]
-  a = common.aggregate(runs, "x")
+  a = results.aggregate(runs, "x")
   assert a["step"].tolist() == [1, 2]  # step 3 is not in every run
   np.testing.assert_allclose(a["mean"], [3.0, 4.0])
   np.testing.assert_allclose(a["min"], [1.0, 2.0])
@@ -204,3 +201,74 @@ def test_paper_figures_print_commands_dedupes_shared_runs(capsys):
   lines = capsys.readouterr().out.splitlines()
   # a: tis, ppo_clip; b adds trm_max, trm_avg (ppo_clip shared); c: three more -> 7 methods x 3 seeds.
   assert len(lines) == 21 and len(set(lines)) == 21
+
+
+def test_experiments_set_up_no_import_paths():
+  """The experiments are packages: no script edits sys.path (it would hide an uninstalled package)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  offenders = []
+  for d, _, files in os.walk(os.path.join(root, "experiments")):
+    for f in files:
+      if f.endswith(".py") and "sys.path" in open(os.path.join(d, f)).read():
+        offenders.append(os.path.relpath(os.path.join(d, f), root))
+  assert offenders == []
+
+
+def test_rivals_figure_print_commands_same_budget(capsys):
+  """Figure r (dry run): 6 methods x 3 seeds, every run the same steps and eval; CPPO / DPPO by baseline.kind."""
+  paper_figures.main(["--figure", "r", "--seeds", "3", "--steps", "30", "--print_commands",
+                      "--runs_dir", "experiments/runs"])
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 18 and len(set(lines)) == 18
+  assert all(",steps=30" in l and "--config.eval.every=5" in l for l in lines)
+  assert sum("--config.baseline.kind=cppo" in l for l in lines) == 3
+  assert sum("--config.baseline.kind=dppo" in l for l in lines) == 3
+  assert sum("configs/trm.py:criterion=max," in l for l in lines) == 3
+  assert sum("configs/baselines.py:name=tis," in l for l in lines) == 3
+
+
+def _kind_is_known(kind):
+  try:
+    config_lib.validate(config_lib.with_overrides(config_lib.default_config(), {"baseline.kind": kind}))
+  except ValueError as e:  # trm_jax.config.ConfigError
+    return "baseline.kind" not in str(e)
+  return True
+
+
+def test_rivals_figure_runs_validate():
+  if not (_kind_is_known("cppo") and _kind_is_known("dppo")):
+    pytest.skip("baseline.kind cppo / dppo are not in this trm_jax.config yet")
+  args = paper_figures.parse_args(["--figure", "r", "--steps", "4"])
+  for m in paper_figures.FIGURES["r"][1]:
+    c = paper_figures.method_spec(m, 0, args).load()
+    assert c.rl.steps == 4 and c.rollout.backend.logit_noise_scale == args.noise_scale
+    if m in ("cppo", "dppo"):
+      assert (c.baseline.kind, c.trm.criterion) == (m, "none")
+
+
+def test_run_all_warm_starts_once_per_key_and_starts_runs_from_it(tmp_path, monkeypatch):
+  """Two seeds x two methods: 2 warm-start runs (rl.steps=0), 4 runs with warmstart.init_from = their seed's."""
+  from experiments.paper import launch
+  calls = []
+
+  def fake_run(cmd, log_path):
+    calls.append(cmd)
+    if "--config.rl.steps=0" in cmd:  # what a real warm-start run leaves behind
+      os.makedirs(os.path.join(cmd[-1].split("=", 1)[1], "checkpoints", "0"))
+    return 0
+
+  monkeypatch.setattr(launch, "_run_logged", fake_run)
+  args = paper_figures.parse_args(["--steps", "3", "--runs_dir", str(tmp_path)])
+  specs = [paper_figures.method_spec(m, s, args) for m in ("trm_max", "ppo_clip") for s in (0, 1)]
+  launch.run_all(specs, str(tmp_path), parallel=1, verbose=False)
+  warm = [c for c in calls if "--config.rl.steps=0" in c]
+  runs = [c for c in calls if "--config.rl.steps=0" not in c]
+  assert len(warm) == 2 and len(runs) == 4  # breaks if every run warm-starts itself or keys ignore the seed
+  assert not any("init_from" in " ".join(c) for c in warm)
+  by_seed = {}
+  for c in runs:
+    (init,) = [a for a in c if a.startswith("--config.warmstart.init_from=")]
+    by_seed.setdefault(c[3].split("seed=")[1].split(",")[0], set()).add(init.split("=", 1)[1])
+  assert {k: len(v) for k, v in by_seed.items()} == {"0": 1, "1": 1} and by_seed["0"] != by_seed["1"]
+  assert {os.path.dirname(next(iter(v))) for v in by_seed.values()} == {str(tmp_path / "_warm")}
+  assert not any(os.path.isdir(os.path.join(s.workdir(str(tmp_path)), "checkpoints")) for s in specs)  # no copies

@@ -1,4 +1,4 @@
-"""Sampler part of experiments/bench.py: tokens/s of trm_jax's sampler (cached / full) and of HF `generate`.
+"""Sampler part of the bench: tokens/s of trm_jax's sampler (cached / full) and of HF `generate`.
 
 All three generate exactly B * T new tokens: ours runs a fixed-length scan (eos_id = -1 never fires),
 transformers gets min_new_tokens = max_new_tokens = T (EOS suppressed). Same dimensions, random weights,
@@ -8,22 +8,24 @@ the rows are interleaved per round and the figures are medians.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarks.timing import medians, timed
 from trm_jax.models import ModelConfig, Transformer
 from trm_jax.rollout import sampler
 
+DIM_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
 
-def _timed(fn):
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
+
+def random_model(dims: dict, V: int, max_len: int):
+  """(graphdef, params) of a Transformer with these dimensions and random weights (seed 0)."""
+  mcfg = ModelConfig(vocab_size=V, max_len=max_len, **{k: int(dims[k]) for k in DIM_KEYS})
+  with nnx.use_eager_sharding(False):
+    return nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
 
 
 def hf_generator(dims: dict, V: int, max_len: int):
@@ -65,7 +67,7 @@ def pick_hf_threads(hf, prompt_np, T_probe: int = 16, log=print) -> dict:
   for th in sorted({os.cpu_count() or 1, 1}, reverse=True):
     hf.threads = th
     hf(prompt_np, 4)  # warm-up
-    probe[th] = min(_timed(lambda: hf(prompt_np, T_probe)) for _ in range(2))
+    probe[th] = min(timed(lambda: hf(prompt_np, T_probe)) for _ in range(2))
   hf.threads = min(probe, key=probe.get)
   log(f"sampler: transformers probe (T={T_probe}) seconds by torch threads {probe}; using {hf.threads}")
   return {"probe_s_by_threads": probe, "threads": hf.threads}
@@ -74,11 +76,7 @@ def pick_hf_threads(hf, prompt_np, T_probe: int = 16, log=print) -> dict:
 def bench_sampler(dims: dict, V: int, B: int, P: int, Ts, repeats: int, full_repeats: int, log=print,
                   with_hf: bool = True) -> dict:
   max_len = P + max(Ts)
-  mcfg = ModelConfig(vocab_size=V, max_len=max_len, **{k: int(dims[k]) for k in
-                                                       ("d_model", "n_layers", "n_heads", "n_kv_heads",
-                                                        "head_dim", "d_ff")})
-  with nnx.use_eager_sharding(False):
-    graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+  graphdef, params = random_model(dims, V, max_len)
   r = np.random.default_rng(0)
   prompt_np = r.integers(3, V, size=(B, P)).astype(np.int32)
   prompt, pmask = jnp.asarray(prompt_np), jnp.ones((B, P), bool)
@@ -101,14 +99,14 @@ def bench_sampler(dims: dict, V: int, B: int, P: int, Ts, repeats: int, full_rep
     fns = {"cached": ours("cached", T), "full": ours("full", T)}
     if not hf_note:
       fns["transformers"] = lambda T=T: hf(prompt_np, T)
-    warm = {k: _timed(f) for k, f in fns.items() if k != "transformers"}  # compile (HF warmed by the probe)
+    warm = {k: timed(f) for k, f in fns.items() if k != "transformers"}  # compile (HF warmed by the probe)
     times = {k: [] for k in fns}
     for i in range(repeats):
       for k in fns:
         if k == "full" and i >= full_repeats:
           continue
-        times[k].append(_timed(fns[k]))
-    med = {k: float(statistics.median(v)) for k, v in times.items()}
+        times[k].append(timed(fns[k]))
+    med = medians(times)
     row = {"T": T, "tokens": B * T, "median_s": med, "times_s": times, "warmup_s": warm,
            "tokens_per_s": {k: B * T / v for k, v in med.items()},
            "speedup_vs_recompute": med["full"] / med["cached"]}
@@ -135,11 +133,7 @@ def bench_prefill_share(dims: dict, V: int, n_prompts: int = 2, G: int = 16, P: 
   `group_size=1`; both must give the same tokens (checked), so the ratio of their median wall times is
   the saving. Fixed length T (no stop id), plain sampling at temperature 1.
   """
-  mcfg = ModelConfig(vocab_size=V, max_len=P + T, **{k: int(dims[k]) for k in
-                                                     ("d_model", "n_layers", "n_heads", "n_kv_heads",
-                                                      "head_dim", "d_ff")})
-  with nnx.use_eager_sharding(False):
-    graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
+  graphdef, params = random_model(dims, V, P + T)
   r = np.random.default_rng(1)
   prompt = jnp.repeat(jnp.asarray(r.integers(3, V, size=(n_prompts, P)).astype(np.int32)), G, axis=0)
   pmask = jnp.ones(prompt.shape, bool)
@@ -154,9 +148,9 @@ def bench_prefill_share(dims: dict, V: int, n_prompts: int = 2, G: int = 16, P: 
     raise AssertionError("prefill sharing changed the sampled tokens")
   times = {"shared": [], "separate": []}
   for _ in range(repeats):
-    times["shared"].append(_timed(lambda: jax.block_until_ready(run(G).tokens)))
-    times["separate"].append(_timed(lambda: jax.block_until_ready(run(1).tokens)))
-  med = {k: float(statistics.median(v)) for k, v in times.items()}
+    times["shared"].append(timed(lambda: jax.block_until_ready(run(G).tokens)))
+    times["separate"].append(timed(lambda: jax.block_until_ready(run(1).tokens)))
+  med = medians(times)
   out = {"n_prompts": n_prompts, "G": G, "P": P, "T": T, "V": V, "dims": dims, "median_s": med, "times_s": times,
          "same_tokens": same_tokens, "speedup": med["separate"] / med["shared"]}
   log(f"sampler prefill sharing (G={G}, P={P}, T={T}): {med['separate']:.3f}s -> {med['shared']:.3f}s "

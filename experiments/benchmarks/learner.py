@@ -1,7 +1,6 @@
-"""Learner parts of experiments/bench.py: TRM overhead, learner throughput (FLOP/s vs peak), scaling.
+"""Learner parts of the bench: TRM overhead, learner throughput (FLOP/s vs peak), scaling over devices.
 
-Every speed figure is a ratio of medians measured in one process with the A/B runs interleaved
-(another process may share the cores, so absolute times drift; ratios of interleaved runs do not).
+Every speed figure is a ratio of interleaved runs (experiments/benchmarks/timing.py).
 """
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import common
+from experiments.benchmarks.timing import interleave, log, medians, paired_ratio, timed
 from trm_jax import config as config_lib
 from trm_jax import learner as learner_lib
 from trm_jax import logprobs as lp
@@ -26,10 +27,6 @@ from trm_jax.rollout.backends import backend_from_config
 from trm_jax.rollout.batch import RolloutBatch
 
 DIM_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-
-
-def log(msg: str) -> None:
-  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def learner_config(dims: dict, *, B: int, G: int, P: int, T: int, overrides: dict | None = None):
@@ -123,28 +120,6 @@ class Stepper:
     jax.block_until_ready((self.holder["state"], self.metrics))
 
 
-def timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
-def interleave(fns: dict, repeats: int, desc: str = "") -> dict:
-  """Round-robin timing: each round runs every fn once (order rotated); returns name -> [seconds]."""
-  names, out = list(fns), {k: [] for k in fns}
-  for r in range(repeats):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for k in order:
-      out[k].append(timed(fns[k]))
-    log(f"{desc} round {r + 1}/{repeats}: " + ", ".join(f"{k}={out[k][-1]:.3f}s" for k in names))
-  return out
-
-
-def paired_ratio(times: dict, a: str, b: str) -> float:
-  """Median over rounds of t_a / t_b (rounds interleave a and b, so drift cancels)."""
-  return float(statistics.median(x / y for x, y in zip(times[a], times[b])))
-
-
 # ----------------------------------------------------------------------------------------------------
 # 1. TRM overhead
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +165,7 @@ def bench_overhead(shape: dict, repeats: int, names=tuple(OVERHEAD_CONFIGS), no_
   for st in steppers.values():  # a second call: any retrace on the output state's sharding happens here
     st()
   times = interleave(steppers, repeats, "overhead")
-  med = {k: float(statistics.median(v)) for k, v in times.items()}
+  med = medians(times)
   ratio = lambda a: paired_ratio(times, a, "ppo_none") if a in times else None
   out = {"shape": {k: v for k, v in shape.items()}, "median_step_s": med, "compile_s": compile_s, "times_s": times,
          "estimator": ratio("trm_est"), "exact_stored": ratio("trm_exact_stored"),
@@ -202,7 +177,7 @@ def bench_overhead(shape: dict, repeats: int, names=tuple(OVERHEAD_CONFIGS), no_
 
 
 def _two_logsoftmax_reference(a, b, tok):
-  """The pre-issue-13 chunk computation (kept here only as the profile's baseline): log_softmax of both
+  """The earlier chunk computation (kept here only as the profile's baseline): log_softmax of both
   sides, then exp of both, KL / reverse KL / TV / entropy as separate sums (4-5 exp passes)."""
   la, lb = jax.nn.log_softmax(a, -1), jax.nn.log_softmax(b, -1)
   p, q = jnp.exp(la), jnp.exp(lb)
@@ -241,7 +216,7 @@ def profile_chunk(shape: dict, repeats: int = 5, chunk: int = 128) -> dict:
     jax.block_until_ready(f(h, w, stored))
     calls[k] = (lambda f=f: jax.block_until_ready(f(h, w, stored)))
   times = interleave(calls, repeats, "profile")
-  med = {k: float(statistics.median(v)) for k, v in times.items()}
+  med = medians(times)
   return {"shape": {"B": B, "C": C, "D": D, "V": V}, "median_s": med, "times_s": times,
           "exact_extra_over_learner": med["exact"] - med["learner"],
           "exact_old_extra_over_learner": med["exact_old"] - med["learner"],
@@ -378,9 +353,8 @@ def bench_scaling(shape: dict, device_counts, repeats: int, timeout: int = 900) 
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={max(device_counts)}"])
   env.setdefault("JAX_PLATFORMS", "cpu")
   arg = json.dumps({"shape": shape, "device_counts": list(device_counts), "repeats": repeats})
-  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
-  proc = subprocess.run([sys.executable, script, "--_scaling_worker", arg], env=env, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  proc = subprocess.run([sys.executable, "-m", "experiments.benchmarks.bench", "--_scaling_worker", arg], env=env,
+                        cwd=common.REPO, capture_output=True, text=True, timeout=timeout, check=False)
   for line in proc.stdout.splitlines():
     if line.startswith("[bench"):
       print(line, flush=True)

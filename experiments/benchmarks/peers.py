@@ -1,6 +1,6 @@
-"""Peers on the same weights (issue 13 item 3): trm_jax vs transformers / PyTorch on one random Qwen3 checkpoint.
+"""Peers on the same weights: trm_jax vs transformers / PyTorch on one random Qwen3 checkpoint.
 
-    python experiments/bench_peers.py [--tiny] [--json F]      # both rows; needs `pip install -e .[bench]`
+    python -m experiments.benchmarks.peers [--tiny] [--json F]      # both rows; needs `pip install -e .[bench]`
 
 One random-weight Qwen3-shaped checkpoint is WRITTEN BY transformers (Qwen3ForCausalLM(config).save_pretrained,
 float32 safetensors, seed 0, transformers' own init) into a temp dir and loaded by trm_jax
@@ -34,14 +34,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import tempfile
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp; see the docstring
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments.benchmarks import learner as bl  # noqa: E402
+from experiments.benchmarks.timing import interleave, medians, paired_ratio, timed  # noqa: E402
+from trm_jax import learner as learner_lib  # noqa: E402
+from trm_jax import sharding as sharding_lib  # noqa: E402
+from trm_jax.models import hf  # noqa: E402
+from trm_jax.rollout import sampler  # noqa: E402
+from trm_jax.rollout.backends import backend_from_config  # noqa: E402
+from trm_jax.rollout.batch import RolloutBatch  # noqa: E402
 
 SKIP = "skipped: pip install -e .[bench]"
 PUBLIC = ("sampler_speedup_vs_transformers", "learner_speedup_vs_torch")
@@ -88,15 +97,12 @@ def write_checkpoint(out_dir: str, dims: dict, max_len: int, seed: int = 0) -> s
 
 def load_both(path: str, max_len: int):
   """(trm_jax Transformer, transformers model) from the same directory, both float32."""
-  import peers_torch  # noqa: PLC0415
-  from trm_jax.models import hf  # noqa: PLC0415
+  from experiments.benchmarks import peers_torch  # noqa: PLC0415 - imports torch
   return hf.load_pretrained(path, dtype="float32", max_len=max_len), peers_torch.load_model(path)
 
 
 def logits_parity(jmodel, tmodel, tokens) -> float:
   """max |logit_trm_jax - logit_transformers| / max |logit| on one full forward of `tokens` [B,S]."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   valid = jnp.ones(tokens.shape, bool)
   ours = np.asarray(jmodel(jnp.asarray(tokens), jnp.cumsum(valid, axis=1) - 1, valid))
@@ -105,37 +111,11 @@ def logits_parity(jmodel, tmodel, tokens) -> float:
   return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
-def interleave(fns: dict, repeats: int, log, desc: str) -> dict:
-  """Round-robin timing (order rotated each round); name -> median seconds, plus the raw lists."""
-  names, times = list(fns), {k: [] for k in fns}
-  for r in range(repeats):
-    for k in names[r % len(names):] + names[:r % len(names)]:
-      times[k].append(_timed(fns[k]))
-    log(f"peers {desc} round {r + 1}/{repeats}: " + ", ".join(f"{k}={times[k][-1]:.3f}s" for k in names))
-  return {k: float(statistics.median(v)) for k, v in times.items()}, times
-
-
-def paired(times: dict, slow: str, fast: str) -> float:
-  """Median over rounds of t_slow / t_fast (each round ran both back to back, so load drift cancels)."""
-  return float(statistics.median(a / b for a, b in zip(times[slow], times[fast])))
-
-
 # ----------------------------------------------------------------------------- sampler vs generate
 
 
 def bench_sampler(jmodel, tmodel, V: int, B: int, P: int, T: int, repeats: int, threads: int, log) -> dict:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-  import peers_torch as pt  # noqa: PLC0415
-  from trm_jax.rollout import sampler  # noqa: PLC0415
+  from experiments.benchmarks import peers_torch as pt  # noqa: PLC0415 - imports torch
   graphdef, params = nnx.split(jmodel)
   prompt_np = np.random.default_rng(0).integers(3, V, size=(B, P)).astype(np.int32)
   prompt, pmask = jnp.asarray(prompt_np), jnp.ones((B, P), bool)
@@ -170,17 +150,18 @@ def bench_sampler(jmodel, tmodel, V: int, B: int, P: int, T: int, repeats: int, 
   fns = {"trm_jax": ours, "transformers": theirs(threads)}
   if threads != 1:
     fns["transformers_1thread"] = theirs(1)
-  compile_s = _timed(ours)  # compile + one run; transformers is warm from the greedy call
-  med, times = interleave(fns, repeats, log, "sampler")
+  compile_s = timed(ours)  # compile + one run; transformers is warm from the greedy call
+  times = interleave(fns, repeats, "peers sampler", log)
+  med = medians(times)
   pt.set_threads(threads)
   tps = {k: B * T / v for k, v in med.items()}
-  res = {"sampler_speedup_vs_transformers": paired(times, "transformers", "trm_jax") if greedy_ok else None,
+  res = {"sampler_speedup_vs_transformers": paired_ratio(times, "transformers", "trm_jax") if greedy_ok else None,
          "sampler_greedy_equal_frac": float(same.mean()), "sampler_greedy_ok": greedy_ok,
          "sampler_greedy_first_divergence": first, "sampler_greedy_divergence_logit_gaps": gaps,
          "sampler_peer_tokens_per_s": tps, "sampler_peer_times_s": times,
          "sampler_peer_shape": dict(B=B, P=P, T=T), "sampler_peer_trm_jax_compile_s": compile_s}
   if "transformers_1thread" in med:
-    res["sampler_speedup_vs_transformers_torch_1thread"] = paired(times, "transformers_1thread", "trm_jax")
+    res["sampler_speedup_vs_transformers_torch_1thread"] = paired_ratio(times, "transformers_1thread", "trm_jax")
   log("peers sampler: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
       + f" -> speedup {res['sampler_speedup_vs_transformers']}")
   return res
@@ -199,7 +180,6 @@ def make_peer_batch(tmodel, V: int, B: int, G: int, P: int, T: int, seed: int = 
   group (KL ~ 0.5: rejected by both). So exact TRM and the k2/k3 estimators keep the same rows and the losses
   are comparable. rollout_logp = log_softmax(rollout logits)[token] (float64, then float32).
   """
-  import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   r = np.random.default_rng(seed)
   prompt = r.integers(3, V, size=(B, P)).astype(np.int32)
@@ -224,7 +204,7 @@ def make_peer_batch(tmodel, V: int, B: int, G: int, P: int, T: int, seed: int = 
               rewards=r.uniform(size=B).astype(np.float32), group_size=G)
 
 
-TRM_VARIANTS = {  # name -> config overrides (plus the learner config of bench_learner.learner_config)
+TRM_VARIANTS = {  # name -> config overrides (plus the learner config of learner.learner_config)
     "exact": {"trm.criterion": "max_avg", "trm.source": "stored", "trm.divergence": "exact",
               "trm.divergence_avg": "exact", "trm.delta": DELTA, "trm.delta_avg": DELTA_AVG},
     "estimators": {"trm.criterion": "max_avg", "trm.source": "sampled", "trm.divergence": "k2",
@@ -234,14 +214,7 @@ TRM_VARIANTS = {  # name -> config overrides (plus the learner config of bench_l
 
 def trm_jax_step(jmodel, dims: dict, batch: dict, variant: str, B: int, G: int, P: int, T: int,
                  overrides: dict | None = None):
-  """A bench_learner.Stepper running the trainer's jitted learner step on the loaded weights."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import bench_learner as bl  # noqa: PLC0415
-  from trm_jax import learner as learner_lib  # noqa: PLC0415
-  from trm_jax import sharding as sharding_lib  # noqa: PLC0415
-  from trm_jax.rollout.backends import backend_from_config  # noqa: PLC0415
-  from trm_jax.rollout.batch import RolloutBatch  # noqa: PLC0415
+  """A learner.Stepper running the trainer's jitted learner step on the loaded weights."""
   cfg = bl.learner_config(dims, B=B, G=G, P=P, T=T, overrides={**TRM_VARIANTS[variant], **(overrides or {})})
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   model_def, params = learner_lib.split_model(jmodel)
@@ -260,9 +233,7 @@ def trm_jax_step(jmodel, dims: dict, batch: dict, variant: str, B: int, G: int, 
 
 def bench_learner(jmodel, tmodel, dims: dict, B: int, G: int, P: int, T: int, repeats: int, threads: int,
                   log) -> dict:
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import peers_torch as pt  # noqa: PLC0415
+  from experiments.benchmarks import peers_torch as pt  # noqa: PLC0415 - imports torch
   pt.set_threads(threads)
   batch = make_peer_batch(tmodel, dims["vocab_size"], B, G, P, T)
   torch_step = pt.TorchTRMUpdate(tmodel, batch, G=G, delta=DELTA, delta_avg=DELTA_AVG)
@@ -270,7 +241,7 @@ def bench_learner(jmodel, tmodel, dims: dict, B: int, G: int, P: int, T: int, re
   steppers, compile_s = {}, {}
   for v in TRM_VARIANTS:
     st = trm_jax_step(jmodel, dims, batch, v, B, G, P, T)
-    compile_s[v] = _timed(st)  # compile + the first step
+    compile_s[v] = timed(st)  # compile + the first step
     first[v] = {k: float(x) for k, x in jax.device_get(st.metrics).items()}
     st()  # a retrace on the donated state's sharding would happen here, not in the timed rounds
     steppers[v] = st
@@ -294,10 +265,11 @@ def bench_learner(jmodel, tmodel, dims: dict, B: int, G: int, P: int, T: int, re
       torch_step()
       pt.set_threads(threads)
     fns["torch_1thread"] = torch_1thread
-  med, times = interleave(fns, repeats, log, "learner")
+  times = interleave(fns, repeats, "peers learner", log)
+  med = medians(times)
   tokens = B * (P + T)
-  res = {"learner_speedup_vs_torch": paired(times, "torch", "trm_jax_exact") if loss_ok["exact"] else None,
-         "learner_speedup_vs_torch_estimators": (paired(times, "torch", "trm_jax_estimators")
+  res = {"learner_speedup_vs_torch": paired_ratio(times, "torch", "trm_jax_exact") if loss_ok["exact"] else None,
+         "learner_speedup_vs_torch_estimators": (paired_ratio(times, "torch", "trm_jax_estimators")
                                                  if loss_ok["estimators"] else None),
          "learner_peer_first_step": {k: {m: x for m, x in d.items() if m in ("loss", "grad_norm", "accept_rate",
                                                                             "trm/accept_rate", "entropy", "clip_frac")}
@@ -307,7 +279,7 @@ def bench_learner(jmodel, tmodel, dims: dict, B: int, G: int, P: int, T: int, re
          "learner_peer_tokens_per_s": {k: tokens / v for k, v in med.items()}, "learner_peer_times_s": times,
          "learner_peer_shape": dict(B=B, G=G, P=P, T=T), "learner_peer_trm_jax_compile_s": compile_s}
   if "torch_1thread" in med:
-    res["learner_speedup_vs_torch_1thread"] = paired(times, "torch_1thread", "trm_jax_exact")
+    res["learner_speedup_vs_torch_1thread"] = paired_ratio(times, "torch_1thread", "trm_jax_exact")
   log("peers learner: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in res["learner_peer_tokens_per_s"].items())
       + f" -> speedup exact {res['learner_speedup_vs_torch']}, estimators "
       f"{res['learner_speedup_vs_torch_estimators']}")
@@ -320,7 +292,6 @@ def run(mode: str = "quick", log=print) -> dict:
   if missing:
     log(f"peers: {missing}")
     return {**{k: None for k in PUBLIC}, "peers": missing}
-  import numpy as np  # noqa: PLC0415
   m = MODES[mode]
   dims, s, lr = m["dims"], m["sampler"], m["learner"]
   max_len = max(s["P"] + s["T"], lr["P"] + lr["T"])

@@ -1,4 +1,4 @@
-"""Compile time vs depth: the learner step and the sampler, layers scanned vs unrolled (issue 15 item 2).
+"""Compile time vs depth: the learner step and the sampler, layers scanned vs unrolled.
 
 The transformer stacks its layers' parameters and runs them with one `lax.scan` (model.scan_layers=True,
 the default), so the compiled program, and its compile time, should not grow with depth; the unrolled
@@ -14,28 +14,20 @@ program, not on the width.
   compile_ratio/<learner|sampler>/<scan|unrolled>  compile_s at the deepest / at the shallowest depth.
 
 Run:
-  python experiments/bench_compile.py                       # L = 4, 16, 36 (minutes on 2 CPU cores)
-  python experiments/bench_compile.py --layers 2,4 --json out.json
+  python -m experiments.benchmarks.compile_time                      # L = 4, 16, 36 (minutes on 2 CPU cores)
+  python -m experiments.benchmarks.compile_time --layers 2,4 --json out.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-  import trm_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench_learner as bl
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.benchmarks import learner as bl
+from experiments.benchmarks.timing import first_minus_steady
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import Transformer, model_config_from
 from trm_jax.rollout import sample
@@ -43,16 +35,6 @@ from trm_jax.rollout import sample
 DIMS = dict(d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
 SHAPE = dict(B=4, G=2, P=8, T=16, V=64)
 LAYERS = {"tiny": (1, 2), "quick": (4, 16), "full": (4, 16, 36)}
-
-
-def _first_minus_steady(fn) -> float:
-  """Seconds of the first call (trace + compile + run) minus a steady-state call."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return max(first - (time.perf_counter() - t0), 0.0)
 
 
 def learner_compile_s(n_layers: int, scan: bool) -> float:
@@ -68,7 +50,7 @@ def learner_compile_s(n_layers: int, scan: bool) -> float:
     box[0], metrics = step(box[0], batch)
     return metrics
 
-  return _first_minus_steady(one)
+  return first_minus_steady(one)
 
 
 def sampler_compile_s(n_layers: int, scan: bool) -> float:
@@ -79,7 +61,7 @@ def sampler_compile_s(n_layers: int, scan: bool) -> float:
     g, params = nnx.split(Transformer(model_config_from(c.model, s["V"]), rngs=nnx.Rngs(0)))
   prompt = jax.random.randint(jax.random.key(0), (s["B"], s["P"]), 3, s["V"])
   mask = jnp.ones((s["B"], s["P"]), bool)
-  return _first_minus_steady(lambda: sample(g, params, prompt, mask, jax.random.key(1), max_new_tokens=s["T"],
+  return first_minus_steady(lambda: sample(g, params, prompt, mask, jax.random.key(1), max_new_tokens=s["T"],
                                             eos_id=-1).tokens)
 
 

@@ -1,6 +1,6 @@
-"""Sharded Hugging Face loading benchmark (issue 11 item 6): bytes read and memory per process vs checkpoint size.
+"""Sharded Hugging Face loading benchmark: bytes read and memory per process vs checkpoint size.
 
-    python experiments/bench_hf_load.py [--processes 4] [--full] [--json F]
+    python -m experiments.benchmarks.hf_load [--processes 4] [--full] [--json F]
 
 `bench_hf_load`: writes a random Qwen3-shaped checkpoint (trm_jax.models.hf.save_pretrained, bf16, sharded
 files), then loads it in N jax processes (CPU, `devices_per_process` fake devices each, one global
@@ -27,9 +27,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, ROOT)
+from experiments import common
+
 # A Qwen3-like shape big enough that per-host reads dominate the runtime's own memory, small enough for CPU.
 LOAD_DIMS = dict(vocab_size=32768, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536,
                  max_len=4096, rope_theta=1e6, qk_norm=True, tie_embeddings=False)  # 56M params, 112 MB bf16
@@ -115,11 +114,10 @@ def bench_hf_load(processes: int = 4, devices_per_process: int = 2, dims=None, t
     ckpt = os.path.join(d, "ckpt")
     ckpt_bytes = write_random_checkpoint(ckpt, dims)
     port = _free_port()
-    cmd = lambda r: [sys.executable, os.path.abspath(__file__), "--hf_load_worker", f"--rank={r}",
+    cmd = lambda r: [sys.executable, "-m", "experiments.benchmarks.hf_load", "--hf_load_worker", f"--rank={r}",
                      f"--processes={processes}", f"--devices_per_process={devices_per_process}",
                      f"--fsdp={fsdp}", f"--port={port}", f"--ckpt={ckpt}"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=common.REPO)
              for r in range(processes)]
     outs = [p.communicate(timeout=timeout) for p in procs]
   results = []

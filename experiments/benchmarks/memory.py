@@ -1,4 +1,4 @@
-"""Memory part of experiments/bench.py: XLA's compiled temp bytes, chunked (ours) vs naive [B,T,V] logits.
+"""Memory part of the bench: XLA's compiled temp bytes, chunked (ours) vs naive [B,T,V] logits.
 
 Compile only (jax.jit(f).lower(*ShapeDtypeStructs).compile().memory_analysis()); nothing is executed
 or allocated, so T = 32k, V = 150k fits on a laptop.

@@ -1,0 +1,1 @@
+"""trm_jax experiments: paper figures and benchmarks."""

@@ -1,0 +1,1 @@
+"""Benchmarks of trm_jax: speed, memory, peers."""

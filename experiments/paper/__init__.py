@@ -1,0 +1,1 @@
+"""The paper's tables, bound curves and training figures."""
