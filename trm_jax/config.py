@@ -12,14 +12,20 @@ import os
 
 import ml_collections
 
-# Names accepted by the config; the learner dispatches on them.
-CRITERIA = ("none", "max", "avg", "max_avg", "tv", "ln", "ser")
-DIVERGENCES = ("exact", "k1", "k2", "k3", "abs_log", "tv_est")
-SOURCES = ("sampled", "stored", "topk", "recompute")
-BASELINES = ("none", "tis", "token_mask", "seq_is", "geo_mask")
-ADVANTAGES = ("grpo", "rloo", "dr_grpo")
-LOSSES = ("ppo_clip", "is")
-AGGREGATIONS = ("seq_total", "token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+from trm_jax import advantages, certificate, divergence, losses, masking
+# The config-file helpers (configs/*.py call them as trm_jax.config.<name>).
+from trm_jax.config_args import (BACKEND_PRESETS, COMMON_ARGS, apply_backend_preset,  # noqa: F401
+                                 apply_common_args, parse_arg)
+
+# Names accepted by the config come from the tables the learner dispatches on (one place each).
+CRITERIA = tuple(masking.CRITERIA)
+DIVERGENCES = tuple(divergence.DIVERGENCES)
+SOURCES = certificate.SOURCES
+BASELINES = tuple(masking.BASELINES)
+ADVANTAGES = tuple(advantages.ESTIMATORS)
+GROUP_STATS = advantages.GROUP_STATS
+LOSSES = tuple(losses.SURROGATES)
+AGGREGATIONS = tuple(losses.AGGREGATIONS)
 RATIO_BASES = ("rollout", "learner")
 SCHEDULES = ("constant", "cosine")
 
@@ -53,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.clip_low = 0.2  # PPO ratio floor 1 - clip_low (paper: 0.8)
   c.rl.clip_high = 0.28  # PPO ratio ceiling 1 + clip_high (clip-higher; paper: 1.28)
   c.rl.dual_clip = 0.0  # dual-clip constant c > 1 for A < 0; 0 = off
+  c.rl.group_stats = "all"  # all: group mean/std over all G, then rejected rows zeroed (verl, paper) | accepted
   c.rl.aggregation = "seq_total"  # seq_total (paper: / total N) | token_mean | seq_mean_token_sum | seq_mean_token_mean
   # Surrogate ratio. rollout: r = pi_theta/pi_roll (the paper's rho; IS baselines tis/seq_is refused: they would
   # apply pi/pi_roll twice). learner: decoupled PPO, r = pi_theta/pi_prox, pi_prox = stop_grad(pre-update learner
@@ -75,13 +82,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.trm.length_buckets = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)  # accept rate by length
 
   c.baseline = ml_collections.ConfigDict()
-  c.baseline.kind = "none"  # none | tis | token_mask | seq_is | geo_mask (composed with the TRM mask)
+  c.baseline.kind = "none"  # none | tis | token_mask | seq_is | geo_mask | dppo | cppo (composed with the TRM mask)
   c.baseline.tis_cap = 2.0  # token TIS cap on rho
   c.baseline.token_low = 0.5  # token ratio band (IcePop / MIS) lower edge
   c.baseline.token_high = 2.0  # ... upper edge
   c.baseline.seq_cap = 2.0  # sequence TIS cap on prod_t rho
   c.baseline.geo_low = 0.999  # geometric-mean sequence mask band
   c.baseline.geo_high = 1.001
+  c.baseline.dppo_low = 0.2  # DPPO binary-TV: drop A<=0 tokens with pi_prox(y)-pi_roll(y) < -dppo_low (prime-rl)
+  c.baseline.dppo_high = 0.2  # ... and A>0 tokens with pi_prox(y)-pi_roll(y) > dppo_high
+  c.baseline.cppo_delta = 0.2  # CPPO sequence prefix budget on the position-weighted binary TV
+  c.baseline.cppo_w_min = 0.8  # CPPO linear position weight at the last token (1 at the first)
+  c.baseline.cppo_delta_b = 0.02  # CPPO per-token budget floor (the row quantile is clamped to [d_b, 2 d_b])
+  c.baseline.cppo_quantile = 0.9  # CPPO quantile of the row's binary TV used as the per-token budget
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # peak learning rate of the RL stage (paper: 1e-6 at 8B)
@@ -214,7 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         ("trm.divergence_avg", DIVERGENCES), ("trm.source", SOURCES),
                         ("baseline.kind", BASELINES), ("rl.advantage", ADVANTAGES),
                         ("rl.loss", LOSSES), ("rl.aggregation", AGGREGATIONS),
-                        ("rl.ratio_base", RATIO_BASES), ("optim.schedule", SCHEDULES)]:
+                        ("rl.ratio_base", RATIO_BASES), ("rl.group_stats", GROUP_STATS), ("optim.schedule", SCHEDULES)]:
     _one_of(config, path, allowed)
   _check(config.trm.delta > 0, "trm.delta", f"must be > 0, got {config.trm.delta}")
   _check(config.trm.delta_avg > 0, "trm.delta_avg", f"must be > 0, got {config.trm.delta_avg}")
@@ -252,7 +265,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
   _one_of(config, "learner.dtype", ("float32", "bfloat16"))
   _one_of(config, "learner.remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
-  _check(config.rl.ratio_base == "learner" or config.baseline.kind not in ("tis", "seq_is"), "rl.ratio_base",
+  _check(config.rl.ratio_base == "learner" or config.baseline.kind not in masking.IS_BASELINES, "rl.ratio_base",
          f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "
          "applied twice; use rl.ratio_base='learner' (decoupled PPO: the IS weight corrects rollout -> proximal)")
   _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
@@ -295,80 +308,6 @@ def _check_known_keys(config, reference, prefix, root=None):
       if not isinstance(reference[key], ml_collections.ConfigDict):
         raise ConfigError(f"config.{path} must be a value, not a sub-tree")
       _check_known_keys(config[key], reference[key], path + ".", root)
-
-
-def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
-  """big_vision-style config arguments: "smoke,T=256,delta=0.05" -> ConfigDict with typed values.
-
-  Every key must be declared in `defaults` (its type converts the string); a bare word sets a bool.
-  """
-  out = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
-    key, eq, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"config argument {key!r} is not known; known: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if not eq:
-      if kind is not bool:
-        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
-      out[key] = True
-    elif kind is bool:
-      out[key] = value.lower() in ("1", "true", "yes")
-    else:
-      out[key] = kind(value)
-  return out
-
-
-COMMON_ARGS = dict(smoke=False, T=0, seed=-1, steps=-1, task="")
-
-
-def apply_common_args(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict):
-  """The arguments every config file accepts: smoke, T (horizon), seed, steps, task."""
-  if args.smoke:  # a laptop-sized run that finishes in under a minute on 2 CPU cores
-    config.model.size = "tiny"
-    config.data.horizon = 32
-    config.data.num_train = 256
-    config.data.num_eval = 64
-    config.warmstart.steps = 150  # enough for a non-zero reward, so RL's gradients are not all zero
-    config.warmstart.batch_size = 16
-    config.rl.steps = 3
-    config.rl.prompts_per_step = 4
-    config.rl.group_size = 4  # varied rewards within a group -> non-zero advantages
-    config.eval.every = 3
-    config.eval.num_prompts = 8
-    config.checkpoint.every = 0
-  if args.T:
-    config.data.horizon = args.T
-  if args.seed >= 0:
-    config.seed = args.seed
-  if args.steps >= 0:
-    config.rl.steps = args.steps
-  if args.task:
-    config.data.task = args.task
-  return config
-
-
-# Named rollout-backend presets shared by configs/*.py (the mismatch sources of paper App. A).
-BACKEND_PRESETS = {
-    # bf16 rollout with a different attention reduction order (an inference server's kernels).
-    "bf16": dict(precision="bfloat16", attention="alt_order"),
-    # MoE routing flips: the router runs in bf16 with tiny jitter at rollout (needs model.kind=moe).
-    "moe": dict(precision="bfloat16", moe_router="jitter", router_jitter=0.02),
-    # An asynchronous pipeline: rollout parameters two updates old.
-    "stale": dict(staleness_k=2),
-    # Heavy-tailed logit noise for controlled studies.
-    "noise": dict(logit_noise_scale=0.05, logit_noise_df=2.0),
-}
-
-
-def apply_backend_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  if name not in BACKEND_PRESETS:
-    raise ValueError(f"config argument backend must be one of {sorted(BACKEND_PRESETS)}, got {name!r}")
-  for k, v in BACKEND_PRESETS[name].items():
-    config.rollout.backend[k] = v
-  if name == "moe":
-    config.model.kind = "moe"
-  return config
 
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -23,12 +23,11 @@ import optax
 from flax import nnx
 
 from trm_jax import advantages as advantages_lib
-from trm_jax import bounds, divergence, losses, masking
-from trm_jax import config as config_lib
+from trm_jax import certificate, divergence, losses, masking
 from trm_jax import logprobs as lp
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import LEARNER, Numerics
-from trm_jax.rollout.backends import RolloutBackend, routing_flip_frac
+from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
 
 # trm.divergence names -> keys of divergence.sampled_estimators.
@@ -83,12 +82,6 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def _divergence_for(name, exact, est):
-  if name == "exact":  # None when the rollout side has no full distribution (validate() guards use)
-    return exact["kl"] if exact is not None else None
-  return est[ESTIMATOR_KEYS[name]]
-
-
 def length_edges(edges, horizon: int) -> tuple:
   """The configured bucket edges cut to the horizon: buckets no response can reach are not logged."""
   edges = sorted(int(e) for e in edges)
@@ -97,40 +90,20 @@ def length_edges(edges, horizon: int) -> tuple:
   return tuple(keep + (beyond if keep and keep[-1] < horizon + 1 else []))
 
 
-def correction(cfg, mask, learner_logp, rollout_logp, exact, est) -> masking.Correction:
-  """The configured TRM criterion composed with the configured baseline (their weights multiply).
-
-  learner_logp is pi_prox (pre-update, stop-gradient). Under rl.ratio_base="learner" (decoupled PPO) the
-  token weight carries the rollout -> proximal IS weight once: the baseline's truncated one for tis /
-  seq_is, the untruncated pi_prox/pi_roll otherwise (masking.py's composition rule).
-  """
+def correction(cfg, inputs: masking.CorrectionInputs) -> masking.Correction:
+  """The configured TRM criterion composed with the configured baseline (masking.compose: their weights
+  multiply; under rl.ratio_base="learner" the token weight carries pi_prox/pi_roll once). Thresholds are
+  read through the tables' Rule.params (masking.CRITERIA / BASELINES), so a new method is one table entry."""
   t, b = cfg.trm, cfg.baseline
-  div = _divergence_for(t.divergence, exact, est)
-  div_avg = _divergence_for(t.divergence_avg, exact, est)
-  if t.criterion == "tv":  # exact TV, or its unbiased estimator 1/2|rho - 1|
-    div = exact["tv"] if t.divergence == "exact" and exact is not None else est["tv_est"]
-  thresholds = {"none": {}, "max": dict(delta=t.delta), "avg": dict(delta_avg=t.delta_avg),
-                "max_avg": dict(delta=t.delta, delta_avg=t.delta_avg), "tv": dict(eps=t.eps),
-                "ln": dict(delta=t.delta, eps=t.eps, delta_w=t.delta_w), "ser": dict(delta_ser=t.delta_ser),
-                "tis": dict(cap=b.tis_cap), "token_mask": dict(low=b.token_low, high=b.token_high),
-                "seq_is": dict(cap=b.seq_cap), "geo_mask": dict(low=b.geo_low, high=b.geo_high)}
-  common = dict(mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
-                length_edges=length_edges(t.length_buckets, mask.shape[-1]))
-  trm = masking.apply_correction(t.criterion, div=div, div_avg=div_avg, **thresholds[t.criterion], **common)
-  if cfg.rl.ratio_base == "learner" and b.kind not in masking.IS_BASELINES:
-    trm = trm.replace(token_weight=trm.token_weight * masking.proximal_weight(learner_logp, rollout_logp, mask))
-  if b.kind == "none":
-    return trm
-  base = masking.apply_correction(b.kind, **thresholds[b.kind], **common)
-  # TRM's statistics stay the headline (trm/accept_rate); the baseline's are logged beside them.
-  stats = dict(trm.stats, **{f"baseline/{k}": v for k, v in base.stats.items() if "/" not in k})
-  return masking.Correction(token_weight=trm.token_weight * base.token_weight,
-                            seq_mask=trm.seq_mask * base.seq_mask, stats=stats)
+  crit = {kw: t[field] for kw, field in masking.CRITERIA[t.criterion].params.items()}
+  base = {kw: b[field] for kw, field in masking.BASELINES[b.kind].params.items()}
+  return masking.compose(t.criterion, b.kind, inputs, criterion_params=crit, baseline_params=base,
+                         ratio_base=cfg.rl.ratio_base)
 
 
 def _advantages(cfg, rewards, group_size, valid):
-  fn = {"grpo": advantages_lib.grpo, "rloo": advantages_lib.rloo, "dr_grpo": advantages_lib.dr_grpo}[cfg.rl.advantage]
-  return fn(rewards, group_size, valid=valid)
+  return advantages_lib.ESTIMATORS[cfg.rl.advantage](rewards, group_size, valid=valid,
+                                                     group_stats=cfg.rl.group_stats)
 
 
 def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend):
@@ -161,11 +134,11 @@ def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_log
   extra = {}
   if "routes" in aux and "routes" in aux_roll:
     valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
-    extra["moe/routing_flip_frac"] = routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
+    extra["moe/routing_flip_frac"] = divergence.routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
   return stats, extra
 
 
-def analyse(cfg, stats, extra, batch: RolloutBatch):
+def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
   """From per-token statistics (no grad) to the update's targets and every logged number.
 
   Returns (targets, metrics): targets = advantages [B] over accepted sequences, loss weights [B,T]
@@ -180,10 +153,21 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
   exact = ({k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "kl_reverse", "tv") if k in stats}
            if has_exact else None)
 
-  corr = correction(cfg, mask, learner_logp, rollout_logp, exact, est)
-  seq_valid = corr.seq_mask * (mask.sum(-1) > 0)
-  # The mask reaches the advantages too: rejected rows leave the group statistics (peers.md).
-  adv = _advantages(cfg, batch.rewards.astype(jnp.float32), batch.group_size, seq_valid)
+  t = cfg.trm
+  rows = (mask.sum(-1) > 0).astype(jnp.float32)  # padding rows (no response token) are no sequences
+  rewards = batch.rewards.astype(jnp.float32)
+  inputs = masking.CorrectionInputs(
+      mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
+      div=divergence.select(t.divergence, exact, est), div_avg=divergence.select(t.divergence_avg, exact, est),
+      tv=exact["tv"] if t.divergence == "exact" and exact is not None else None,
+      # the pre-mask advantages: only their sign is read (DPPO / CPPO direction gates)
+      advantages=_advantages(cfg, rewards, batch.group_size, rows),
+      length_edges=length_edges(t.length_buckets, mask.shape[-1]))
+  corr = correction(cfg, inputs)
+  seq_valid = corr.seq_mask * rows
+  # rl.group_stats: "all" = group statistics over all G responses, then rejected rows zeroed (verl, the
+  # paper's GRPO); "accepted" = statistics over the accepted rows only.
+  adv = _advantages(cfg, rewards, batch.group_size, seq_valid)
   # behaviour: the surrogate's ratio denominator (rl.ratio_base): pi_roll, or pi_prox for decoupled PPO.
   targets = dict(adv=adv, weights=corr.token_weight * corr.seq_mask[:, None] * mask,
                  behaviour=rollout_logp if cfg.rl.ratio_base == "rollout" else learner_logp,
@@ -191,18 +175,18 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
 
   # The pre-update mismatch statistics and bounds (paper section 2): pi_prox vs pi_roll on the batch.
   # bounds/certified_improvement needs the UPDATED policy: post_update_certificate (bounds.certify_update).
-  cert = _certificate(cfg, stats, exact, est, mask)
-  flags = _source_flags(cfg, has_exact)
+  cert = certificate.certificate_metrics(learner_logp, rollout_logp, mask, source=t.source,
+                                        kl=exact["kl"] if has_exact else None,
+                                        tv=exact["tv"] if has_exact else None, reward_range=reward_range)
 
   denom = jnp.maximum(mask.sum(), 1.0)
   metrics = {
       "entropy": jnp.where(mask > 0, stats["entropy"], 0.0).sum() / denom,
       "trm/accept_rate": corr.stats["accept_rate"],
       "trm/token_accept_rate": corr.stats.get("token_accept_rate", jnp.float32(1.0)),
-      "trm/num_rejected": (1.0 - corr.seq_mask).sum() * 1.0,
+      "trm/num_rejected": corr.stats["num_rejected"],  # rows with a token that were rejected (no padding)
       "rl/advantage_abs_mean": jnp.abs(adv).sum() / jnp.maximum(seq_valid.sum(), 1.0),
       "mismatch/ppl_gap": divergence.log_ppl_gap(learner_logp, rollout_logp, mask),
-      **flags,
   }
   for k, v in corr.stats.items():
     if k.startswith("accept_rate/"):
@@ -223,69 +207,23 @@ def analyse(cfg, stats, extra, batch: RolloutBatch):
           jnp.abs(stats["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom
   else:  # estimates under the same names so curves stay comparable; mismatch/exact says which
     metrics.update({"mismatch/kl_max": est["k3"].max(), "mismatch/kl_mean": est["k3"].sum() / denom})
-  for k, v in cert.items():
-    if jnp.ndim(v) == 0:  # dbar_t is a curve [T]; the scalars are the statistics and the bounds
-      metrics[f"bounds/{k}"] = v
+  metrics.update(cert)  # mismatch/source, bounds/exact, bounds/plugin_valid and every plug-in bound
   metrics.update(extra)
   return targets, metrics
 
 
-def _source_flags(cfg, has_exact) -> dict:
-  """mismatch/source = index of trm.source in config.SOURCES (0 sampled, 1 stored, 2 topk, 3 recompute);
-  mismatch/exact = bounds/exact = 1 iff the divergences are the exact full-vocabulary values (stored,
-  recompute); bounds/valid = 1 iff the logged B* is an upper bound built from upper bounds of the
-  statistics (exact sources; top-k through its TV upper bound, bounds.unified_tv). Static per config."""
-  source = cfg.trm.source
-  exact = bool(has_exact) and source in ("stored", "recompute")
-  return {"mismatch/source": jnp.float32(config_lib.SOURCES.index(source)),
-          "mismatch/exact": jnp.float32(exact), "bounds/exact": jnp.float32(exact),
-          "bounds/valid": jnp.float32(exact or source == "topk")}
-
-
-def _certificate(cfg, stats, exact, est, mask, *, surrogate=None):
-  """bounds.certificate from the batch: exact kl / tv (stored, recompute); top-k: its TV upper bound only
-  (the kl there is a lower bound), B* = bounds.unified_tv; sampled: the estimators k3 and 1/2|rho-1| as
-  stand-ins (flagged bounds/valid = 0)."""
-  if cfg.trm.source == "topk" and exact is not None:
-    return bounds.certificate(None, exact["tv"], mask, surrogate=surrogate, tv_only=True)
-  kl_c, tv_c = (exact["kl"], exact["tv"]) if exact is not None else (est["k3"], est["tv_est"])
-  return bounds.certificate(kl_c, tv_c, mask, surrogate=surrogate)
-
-
-CERT_STATS = ("delta", "eps", "kl_seq", "tv_seq", "unified")
-
-
-def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask) -> dict:
-  """The certificate of the UPDATED policy theta' on the same batch (paper section 2), one no-grad forward.
-
-  L'(theta') = (1/N) sum_i R_i sum_t (rho'_t - 1), rho'_t = pi_theta'(y_t)/pi_roll(y_t), N = rows with a
-  valid token; B* = B*(delta', eps', KL_seq', TV_seq', Dbar') from theta' vs pi_roll (exact divergences of
-  the configured rollout side). Logged over the whole batch (bounds/post/..., bounds/certified_improvement =
-  L' - B*) and over the rows the mask accepted (bounds/accepted/...: the statistics and L' restricted to
-  them, what TRM's guarantee is about).
-  """
+def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask, reward_range) -> dict:
+  """The certificate of the UPDATED policy theta' on the same batch (paper section 2), one no-grad forward:
+  bounds/certified_improvement = L'(theta') - B*(theta' vs pi_roll) over every row with a token, with its
+  standard error; bounds/accepted/* the same restricted to the rows the mask kept (selection-biased, no
+  guarantee: bounds/accepted/selected_margin). The math is certificate.post_update_metrics."""
   stats, _ = learner_stats(cfg, learner, batch, side, aux_roll, grad_logp=False)
   stats = jax.tree.map(jax.lax.stop_gradient, stats)
   mask = batch.response_mask.astype(jnp.float32)
-  logp, roll = stats["learner_logp"], batch.rollout_logp.astype(jnp.float32)
-  est = divergence.sampled_estimators(logp, roll, mask)
-  exact = ({k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "tv") if k in stats}
-           if "kl" in stats else None)
-  clip = divergence.LOG_RATIO_CLIP
-  rho_m1 = jnp.where(mask > 0, jnp.expm1(jnp.clip(logp - roll, -clip, clip)), 0.0)
-  per_row = batch.rewards.astype(jnp.float32) * rho_m1.sum(-1)
-  rows = (mask.sum(-1) > 0).astype(jnp.float32)
-  out = {}
-  for name, keep in (("post", rows), ("accepted", rows * (seq_mask > 0))):
-    n = jnp.sum(keep)
-    surrogate = jnp.sum(keep * per_row) / jnp.maximum(n, 1.0)
-    cert = _certificate(cfg, stats, exact, est, mask * keep[:, None], surrogate=surrogate)
-    out.update({f"bounds/{name}/{k}": cert[k] for k in CERT_STATS if k in cert})
-    out[f"bounds/{name}/surrogate"] = surrogate
-    out[f"bounds/{name}/num_sequences"] = n
-    out["bounds/certified_improvement" if name == "post" else f"bounds/{name}/certified_improvement"] = (
-        cert["certified_improvement"])
-  return out
+  exact = {k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "tv") if k in stats}
+  return certificate.post_update_metrics(
+      stats["learner_logp"], batch.rollout_logp.astype(jnp.float32), batch.rewards.astype(jnp.float32), mask,
+      seq_mask, kl=exact.get("kl"), tv=exact.get("tv"), source=cfg.trm.source, reward_range=reward_range)
 
 
 def policy_loss(cfg, logp, mb):
@@ -302,7 +240,7 @@ def policy_loss(cfg, logp, mb):
 
 
 def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState,
-                   batch: RolloutBatch, rollout_params) -> tuple[TrainState, dict]:
+                   batch: RolloutBatch, rollout_params, reward_range=(0.0, 1.0)) -> tuple[TrainState, dict]:
   """The whole update (see module docstring). Pure; `make_learner_step` jits it with shardings.
 
   One epoch and one minibatch (the default): FUSED, a single learner forward gives the per-token
@@ -315,20 +253,21 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   if fused:
     def loss_fn(params):
       stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
-      targets, metrics = analyse(cfg, stats, extra, batch)
+      targets, metrics = analyse(cfg, stats, extra, batch, reward_range)
       mb = dict(targets, response_mask=batch.response_mask.astype(jnp.float32))
       loss, aux = policy_loss(cfg, stats["learner_logp"], mb)
-      return loss, (metrics, dict(aux, seq_mask=targets["seq_mask"]))
+      return loss, (metrics, dict(aux, seq_mask=targets["seq_mask"], nonempty=jnp.any(mb["weights"] > 0)))
 
     (loss, (metrics, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    (params, opt_state), guard = guarded_update(tx, state.params, state.opt_state, loss, grads)
+    (params, opt_state), guard = guarded_update(tx, state.params, state.opt_state, loss, grads,
+                                                nonempty=aux["nonempty"])
     metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
                    clip_frac=aux.get("clip_frac", jnp.float32(0.0)), **guard)
     metrics["rl/loss_denominator"] = aux["loss_denominator"]
     seq_mask_fused = aux["seq_mask"]
   else:
     stats, extra = learner_stats(cfg, model_def.merge(state.params), batch, side, aux_roll, grad_logp=False)
-    targets, metrics = analyse(cfg, stats, extra, batch)
+    targets, metrics = analyse(cfg, stats, extra, batch, reward_range)
     n_mb, b = cfg.rl.minibatches, batch.response.shape[0]
     data = dict(prompt=batch.prompt, prompt_mask=batch.prompt_mask, response=batch.response,
                 response_mask=batch.response_mask.astype(jnp.float32), **targets)
@@ -346,7 +285,8 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
     targets_seq_mask = targets["seq_mask"]
   if cfg.bounds.certify_update:  # the certificate of the updated policy, in the same compiled program
     seq_mask = targets_seq_mask if not fused else seq_mask_fused
-    metrics.update(post_update_certificate(cfg, model_def.merge(params), batch, side, aux_roll, seq_mask))
+    metrics.update(post_update_certificate(cfg, model_def.merge(params), batch, side, aux_roll, seq_mask,
+                                           reward_range))
   new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
   # A non-finite policy can yield empty responses whose statistics look perfect (kl 0, accept 1): report
   # every number as NaN instead, so a curve never shows a broken policy as a healthy one.
@@ -391,7 +331,8 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
   def update(carry, mb):
     params, opt_state = carry
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-    (params, opt_state), guard = guarded_update(tx, params, opt_state, loss, grads)
+    (params, opt_state), guard = guarded_update(tx, params, opt_state, loss, grads,
+                                                nonempty=jnp.any(mb["weights"] > 0))
     return (params, opt_state), {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
                                  "clip_frac": aux.get("clip_frac", jnp.float32(0.0)),
                                  "loss_denominator": aux["loss_denominator"], **guard}
@@ -399,7 +340,8 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
   return update
 
 
-GUARD_KEYS = ("update/skipped", "update/nonfinite_loss", "update/nonfinite_grad", "update/nonfinite_update")
+GUARD_KEYS = ("update/skipped", "update/skipped_empty", "update/nonfinite_loss", "update/nonfinite_grad",
+              "update/nonfinite_update")
 
 
 def all_finite(tree) -> jax.Array:
@@ -408,31 +350,36 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def guarded_update(tx, params, opt_state, loss, grads):
+def guarded_update(tx, params, opt_state, loss, grads, nonempty=True):
   """One optax step that is SKIPPED (params and optimizer state returned unchanged) when the loss, a
   gradient or the updated parameters are not finite, so one bad batch never turns the parameters NaN.
 
   Returns ((params, opt_state), flags): update/skipped, update/nonfinite_loss, update/nonfinite_grad,
   update/nonfinite_update as 0/1 float32. The trainer counts consecutive skips and stops after
-  checkpoint.max_consecutive_skips."""
+  checkpoint.max_consecutive_skips. `nonempty` False (the mask removed every row or token) also skips the
+  step, logged as update/skipped_empty: a zero gradient would still move AdamW through its momentum."""
   loss_ok, grad_ok = jnp.all(jnp.isfinite(loss)), all_finite(grads)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   update_ok = all_finite(new_params)  # e.g. an infinite learning rate: finite grads, non-finite step
-  ok = loss_ok & grad_ok & update_ok
+  finite = loss_ok & grad_ok & update_ok
+  ok = finite & nonempty
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   bad = lambda b: (~b).astype(jnp.float32)
-  flags = {"update/skipped": bad(ok), "update/nonfinite_loss": bad(loss_ok), "update/nonfinite_grad": bad(grad_ok),
+  flags = {"update/skipped": bad(finite), "update/skipped_empty": bad(jnp.asarray(nonempty)),
+           "update/nonfinite_loss": bad(loss_ok), "update/nonfinite_grad": bad(grad_ok),
            "update/nonfinite_update": bad(update_ok)}
   return (keep(new_params, params), keep(new_opt_state, opt_state)), flags
 
 
-def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_shardings, *, stale: bool):
+def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_shardings, *, stale: bool,
+                      reward_range=(0.0, 1.0)):
   """jit(learner_update) with explicit in/out shardings; the train state is donated.
 
   stale=True: `step(state, batch, rollout_params)`, the rollout policy k updates old (its snapshot
   is a separate argument). stale=False: `step(state, batch)`, the rollout policy has the learner's
   parameters (the mismatch is the backend's numerics alone), and no second copy is passed.
+  reward_range: (lo, hi) of the task's reward (task.reward_range); every bound is scaled by hi - lo.
   """
   state_sh = TrainState(params=param_shardings, opt_state=opt_shardings, step=sharding_lib.replicated(mesh))
   out_sh = (state_sh, sharding_lib.replicated(mesh))
@@ -442,7 +389,7 @@ def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_sh
     # (models.transformer.constrain_batch_axis) stays off: with it on, the update on an 8-device CPU mesh
     # no longer matched the single-device update (tests/test_learner.py::test_sharded_step_equals_single_device),
     # a wrong number being worse than a large buffer. Open: docs/PERFORMANCE.md, pod memory item 6.
-    return learner_update(cfg, model_def, tx, backend, *args)
+    return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range))
 
   if stale:
     return jax.jit(fn, in_shardings=(state_sh, None, param_shardings), out_shardings=out_sh, donate_argnums=(0,))

@@ -197,7 +197,7 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
                        rollout_topk_logp=out.topk_logp, rollout_topk_ids=out.topk_ids, group_size=cfg.rl.group_size)
   stale = setup.backend.staleness_k > 0
   step = learner_lib.make_learner_step(cfg, setup.model_def, setup.tx, setup.backend, mesh, setup.param_shardings,
-                                       opt_shardings, stale=stale)
+                                       opt_shardings, stale=stale, reward_range=setup.task.reward_range)
   learner, learner_error = _compile(step.lower(state, batch, *((params,) if stale else ())))
 
   mc = setup.model_cfg

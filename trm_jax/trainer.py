@@ -122,7 +122,8 @@ class Loop:
                                            keep_through=start.step if start.resumed else -1)
     self.learner_step = learner_lib.make_learner_step(
         cfg, run.model_def, run.tx, run.backend, run.mesh, run.param_shardings,
-        jax.tree.map(lambda x: x.sharding, self.state.opt_state), stale=self.k > 0)
+        jax.tree.map(lambda x: x.sharding, self.state.opt_state), stale=self.k > 0,
+        reward_range=run.task.reward_range)  # the certificate's bounds scale with the reward's range
     self.engine = build.rollout_engine(run)
     self.eval_sets = eval_lib.load_eval_sets(cfg, run.tokenizer, run.task) if _evaluates(cfg) else []
     self.evaluate = guard.finite_or_nan(_make_evaluator(run, self.eval_sets))

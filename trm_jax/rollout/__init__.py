@@ -3,12 +3,11 @@ from trm_jax.rollout.backends import (
     RolloutBackend,
     backend_from_config,
     default_backend_config,
-    routing_flip_frac,
 )
 from trm_jax.rollout.sampler import SampleOutput, sample, sample_groups, sequence_inputs
 from trm_jax.rollout.sampling import processed_logprobs
 
 __all__ = [
     "RolloutBackend", "SampleOutput", "backend_from_config", "default_backend_config",
-    "processed_logprobs", "routing_flip_frac", "sample", "sample_groups", "sequence_inputs",
+    "processed_logprobs", "sample", "sample_groups", "sequence_inputs",
 ]

@@ -11,8 +11,6 @@ import dataclasses
 
 import ml_collections
 
-# routing_flip_frac lives with the divergences; imported here only so rollout/__init__ keeps exporting it.
-from trm_jax.divergence import routing_flip_frac  # noqa: F401
 from trm_jax.models import LEARNER, Numerics
 
 PRECISIONS = ("float32", "bfloat16")
