@@ -6,6 +6,8 @@
   python -m trm_jax.main --config=configs/baselines.py:name=seq_is     # sequence-level truncated IS
   python -m trm_jax.main --config=configs/baselines.py:name=geo_mask   # geometric-mean sequence mask
   python -m trm_jax.main --config=configs/baselines.py:name=none       # no correction, plain IS surrogate
+  python -m trm_jax.main --config=configs/baselines.py:name=dppo       # DPPO binary-TV token mask (prime-rl's loss)
+  python -m trm_jax.main --config=configs/baselines.py:name=cppo       # CPPO position-weighted binary-TV budgets
 
 tis / seq_is run decoupled PPO (rl.ratio_base="learner"); ppo_clip, token_mask and geo_mask take the PPO ratio
 against pi_roll (the paper's rho). Arguments: name, backend (as configs/trm.py), plus smoke, T, seed, steps, task. None of these mask
@@ -13,7 +15,7 @@ by the maximum token divergence, so none certifies anything (paper section 2, Pr
 """
 from trm_jax import config as config_lib
 
-NAMES = ("none", "ppo_clip", "tis", "token_mask", "seq_is", "geo_mask")
+NAMES = ("none", "ppo_clip", "tis", "token_mask", "seq_is", "geo_mask", "dppo", "cppo")
 
 
 def get_config(arg: str = ""):
@@ -25,6 +27,9 @@ def get_config(arg: str = ""):
   c.trm.source = "recompute"  # no mask, but the exact mismatch is still measured and the bounds logged
   if args.name == "none":
     c.rl.loss = "is"  # the plain IS surrogate (Algorithm 1 without a mask)
+  elif args.name in ("dppo", "cppo"):
+    c.rl.loss = "is"  # both train the IS surrogate without a ratio clip, as their sources do (masking.BASELINES)
+    c.baseline.kind = args.name
   else:
     c.rl.loss = "ppo_clip"
     c.baseline.kind = "none" if args.name == "ppo_clip" else args.name

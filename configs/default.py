@@ -6,7 +6,8 @@
 
 Arguments: smoke, T (horizon), seed, steps, task. The rollout engine computes in bfloat16 with a
 different attention reduction order, as an inference server's kernels would, and the learner in
-float32: the mismatch is real, measured every step, and masked by TRM.
+float32: the mismatch is real, measured every step, and masked by TRM. Every step also logs the
+post-update certificate (bounds/certified_improvement = L'(theta') - B*, bounds.certify_update).
 """
 from trm_jax import config as config_lib
 
@@ -18,4 +19,6 @@ def get_config(arg: str = ""):
   c.trm.divergence = "exact"
   c.trm.source = "recompute"
   c.trm.delta = 0.05
+  # The certificate is what no other RL stack logs: one more no-grad forward of the updated policy per step.
+  c.bounds.certify_update = True
   return config_lib.apply_common_args(c, args)

@@ -320,3 +320,18 @@ def test_post_update_certificate_rows_and_parameters(cert_runs):
                              m["bounds/accepted/surrogate"] - m["bounds/accepted/unified"], rtol=1e-5, atol=1e-7)
   # Pre-update statistics are still logged, and differ from the post-update ones.
   assert m["bounds/kl_seq"] != m["bounds/post/kl_seq"]
+
+
+@pytest.mark.parametrize("kind", ["dppo", "cppo"])
+def test_dppo_cppo_run_inside_the_compiled_update(meshes, kind):
+  """The rival baselines compose with TRM-Max in the one compiled update (their masks are hand-tested in
+  tests/test_baselines.py): finite metrics, their statistics logged, and a token whose rollout probability is 1
+  while the learner's is far from it (binary TV ~ 1 >> 0.2) loses weight in at least one direction."""
+  cfg = tiny_config(**{"baseline.kind": kind, "rl.loss": "is", "trm.delta": 1e3})
+  batch = near_learner(cfg, make_batch())
+  far = batch.replace(rollout_logp=batch.rollout_logp.at[:, 0].set(0.0))
+  _, m_near = run(cfg, meshes[0], batch)
+  _, m_far = run(cfg, meshes[0], far)
+  assert all(np.isfinite(v) for v in m_far.values())
+  assert "baseline/token_accept_rate" in m_far
+  assert m_far["baseline/token_accept_rate"] < m_near["baseline/token_accept_rate"]

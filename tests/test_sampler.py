@@ -275,3 +275,33 @@ def test_bad_arguments(dense, prompts):
     sample(g, params, *prompts, jax.random.key(0), max_new_tokens=T, top_p=0.0)
   with pytest.raises(ValueError, match="max_len"):
     sample(g, params, *prompts, jax.random.key(0), max_new_tokens=64)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (0.7, 0.7, 0), (1.3, 1.0, 2)])
+def test_sampled_frequencies_follow_the_processed_softmax(temperature, top_p, top_k):
+  """N draws of the sampler's token choice on fixed logits match an independent float64 reference: the
+  softmax of logits / temperature, cut to the nucleus (smallest top set with mass >= top_p) or the top-k,
+  renormalised; within 5 binomial sigmas per token. Catches: temperature applied twice or not at all, a
+  nucleus or top-k one token too small / too large, sampling from the unprocessed logits, a logp that is not
+  the processed distribution's."""
+  _choose = sampler._choose  # the one place a token is drawn
+  probs = np.array([0.5, 0.3, 0.15, 0.05])  # after temperature: nucleus 0.7 keeps exactly the top 2
+  logits = np.log(probs) * temperature
+  n = 40000
+  ref = np.exp(logits / temperature - np.log(np.exp(logits / temperature).sum()))
+  keep = np.ones(4, bool)
+  if top_p < 1:
+    order = np.argsort(-ref)
+    before = np.cumsum(ref[order]) - ref[order]
+    keep = np.zeros(4, bool)
+    keep[order[before < top_p]] = True
+  if top_k:
+    keep &= ref >= np.sort(ref)[::-1][top_k - 1]
+  ref = np.where(keep, ref, 0.0) / np.where(keep, ref, 0.0).sum()
+  out, _ = _choose(jnp.asarray(np.tile(logits, (n, 1)), jnp.float32), 0, jnp.zeros(n, bool),
+                   jax.random.PRNGKey(0), jnp.asarray([99], jnp.int32), 0, temperature, top_p, top_k, False, 0)
+  tok, logp = np.asarray(out["tokens"]), np.asarray(out["logp"], np.float64)
+  freq = np.bincount(tok, minlength=4) / n
+  sigma = np.sqrt(ref * (1 - ref) / n)
+  assert np.all(np.abs(freq - ref) <= 5 * sigma + 1e-12), (freq, ref)
+  np.testing.assert_allclose(logp, np.log(ref[tok]), rtol=1e-5, atol=1e-6)
