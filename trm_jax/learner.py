@@ -101,6 +101,17 @@ def correction(cfg, inputs: masking.CorrectionInputs) -> masking.Correction:
                          ratio_base=cfg.rl.ratio_base)
 
 
+def _correction_inputs(cfg, mask, learner_logp, rollout_logp, exact, est, advantages):
+  """masking.CorrectionInputs for the configured divergences; `advantages` are the pre-mask ones (only their
+  sign is read, by the DPPO / CPPO direction gates)."""
+  t = cfg.trm
+  return masking.CorrectionInputs(
+      mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
+      div=divergence.select(t.divergence, exact, est), div_avg=divergence.select(t.divergence_avg, exact, est),
+      tv=exact["tv"] if t.divergence == "exact" and exact is not None else None, advantages=advantages,
+      length_edges=length_edges(t.length_buckets, mask.shape[-1]))
+
+
 def _advantages(cfg, rewards, group_size, valid):
   return advantages_lib.ESTIMATORS[cfg.rl.advantage](rewards, group_size, valid=valid,
                                                      group_stats=cfg.rl.group_stats)
@@ -156,14 +167,8 @@ def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
   t = cfg.trm
   rows = (mask.sum(-1) > 0).astype(jnp.float32)  # padding rows (no response token) are no sequences
   rewards = batch.rewards.astype(jnp.float32)
-  inputs = masking.CorrectionInputs(
-      mask=mask, learner_logp=learner_logp, rollout_logp=rollout_logp,
-      div=divergence.select(t.divergence, exact, est), div_avg=divergence.select(t.divergence_avg, exact, est),
-      tv=exact["tv"] if t.divergence == "exact" and exact is not None else None,
-      # the pre-mask advantages: only their sign is read (DPPO / CPPO direction gates)
-      advantages=_advantages(cfg, rewards, batch.group_size, rows),
-      length_edges=length_edges(t.length_buckets, mask.shape[-1]))
-  corr = correction(cfg, inputs)
+  corr = correction(cfg, _correction_inputs(cfg, mask, learner_logp, rollout_logp, exact, est,
+                                            _advantages(cfg, rewards, batch.group_size, rows)))
   seq_valid = corr.seq_mask * rows
   # rl.group_stats: "all" = group statistics over all G responses, then rejected rows zeroed (verl, the
   # paper's GRPO); "accepted" = statistics over the accepted rows only.
