@@ -2,6 +2,7 @@
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,7 +62,7 @@ def test_smoke_run_writes_every_metric(uninterrupted):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   p2, p4 = (ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, s, "state"))["state"]["params"]
             for s in ("2", "4"))
-  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax_leaves(p2), jax_leaves(p4))]
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p4))]
   assert np.mean(np.array(moved) > 0) > 0.5, moved  # the parameters moved between checkpoints 2 and 4
   assert os.path.exists(summary["curves"]) and os.path.getsize(summary["curves"]) > 10_000
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "4"

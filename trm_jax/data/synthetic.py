@@ -169,7 +169,7 @@ class Task:
 
   def score(self, tokens, mask, answer, answer_mask) -> RewardOutput:
     """Host-side scoring of numpy arrays: the jnp reward run on the CPU; correct = reward 1."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
       reward = np.asarray(_host_reward(np.asarray(tokens), np.asarray(mask), np.asarray(answer),
                                        np.asarray(answer_mask)), np.float32)
     return RewardOutput(reward, reward >= 1.0, {})

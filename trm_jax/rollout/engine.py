@@ -113,9 +113,12 @@ class RolloutEngine:
     out = self.generate(params, batch["prompt"], batch["prompt_mask"], rng)
     rows = sharding_lib.host_rows(self.mesh, self.batch_size)
     r = score(host_all(out.tokens)[rows], host_all(out.mask)[rows], prompts["answer"], prompts["answer_mask"])
-    metrics = {**r.metrics, "reward/correct_frac": float(np.mean(r.correct)),
+    rewards, correct = sharding_lib.shard_batch([np.asarray(r.reward, np.float32),
+                                                 np.asarray(r.correct, np.float32)], self.mesh)
+    # Fractions of the global batch (reduced on device, readable on every host); the checker's counts in
+    # r.metrics are this process's rows.
+    metrics = {**r.metrics, "reward/correct_frac": float(_mean(correct)),
                "response/clip_frac": float(sampler_lib.clip_frac(out))}
-    rewards = sharding_lib.shard_batch(np.asarray(r.reward, np.float32), self.mesh)
     return RolloutBatch(prompt=batch["prompt"], prompt_mask=batch["prompt_mask"], response=out.tokens,
                         response_mask=out.mask, rollout_logp=out.logp, rewards=rewards, rollout_logits=out.logits,
                         rollout_topk_logp=out.topk_logp, rollout_topk_ids=out.topk_ids,
@@ -129,3 +132,8 @@ class RolloutEngine:
     mask = host_all(out.mask)
     r = score(host_all(out.tokens), mask, prompts["answer"], prompts["answer_mask"])
     return {"mask": mask, "clipped": host_all(out.clipped)}, r
+
+
+@jax.jit
+def _mean(x):
+  return jnp.mean(x)
