@@ -79,6 +79,7 @@ class ModelConfig:
   moe_every: int = 1  # HF decoder_sparse_step: layer i is MoE iff (i + 1) % moe_every == 0 ...
   mlp_only_layers: tuple = ()  # ... and i is not listed here (HF mlp_only_layers)
   norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+  moe_dispatch: str = "sparse"  # sparse: each token through its k experts only; dense: all experts (reference)
   param_dtype: str = "float32"
   tie_embeddings: bool = False
   scan_layers: bool = True  # scan over the stacked layers (False: unrolled loop over the same params)
@@ -106,6 +107,8 @@ class ModelConfig:
                          f"got {self.experts_top_k}")
       if not 0 < self.moe_every <= self.n_layers:
         raise ValueError(f"model.moe_every must be in [1, n_layers], got {self.moe_every}")
+      if self.moe_dispatch not in ("sparse", "dense"):
+        raise ValueError(f"model.moe_dispatch must be sparse or dense, got {self.moe_dispatch!r}")
       if self.moe_d_ff < 0:
         raise ValueError(f"model.moe_d_ff must be >= 0 (0 = d_ff), got {self.moe_d_ff}")
     bad = [i for i in self.mlp_only_layers if not 0 <= i < self.n_layers]
@@ -150,6 +153,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.moe_every = 0  # an MoE block every k layers (HF decoder_sparse_step; preset 1: every layer)
   c.mlp_only_layers = ()  # layer indices that stay dense in an MoE model (HF mlp_only_layers)
   c.norm_topk_prob = True  # renormalise the chosen experts' router probabilities (Qwen3-MoE: true)
+  c.moe_dispatch = "sparse"  # sparse: dropless grouped matmul over each token's k experts | dense: all experts
   c.param_dtype = "float32"  # float32 | bfloat16: storage dtype of the parameters
   c.max_len = 0  # longest prompt + response the model accepts (toy presets 16384, Qwen3 40960)
   c.rope_theta = 0.0  # RoPE base; 0 = the preset's (toy 10000, Qwen3 1e6)
@@ -204,6 +208,7 @@ def model_config_from(cfg_model, vocab_size: int) -> ModelConfig:
     moe["moe_d_ff"] = int(get("moe_d_ff") or opts.get("moe_d_ff", 0))
     moe["mlp_only_layers"] = tuple(get("mlp_only_layers", ()) or ())
     moe["norm_topk_prob"] = bool(get("norm_topk_prob", True))
+    moe["moe_dispatch"] = str(get("moe_dispatch", "sparse"))
   return ModelConfig(
       vocab_size=vocab, kind=kind, max_len=int(get("max_len") or opts.get("max_len", DEFAULT_MAX_LEN)),
       rope_theta=float(get("rope_theta") or opts.get("rope_theta", 10000.0)),
