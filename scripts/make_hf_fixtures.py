@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -217,7 +216,6 @@ def main(argv=None) -> None:
     for i, name in enumerate(names):
       make(name, seed=100 + i)
   if args.check_export:
-    sys.path.insert(0, ROOT)
     for name in names:
       check_export(name)
 

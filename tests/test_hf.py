@@ -6,7 +6,9 @@ tests/fixtures/hf/); no torch here.
 import functools
 import json
 import os
+import runpy
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -226,8 +228,9 @@ def test_each_device_reads_only_its_slice():
   assert reader.bytes_read == block.nbytes == 2 * 16 * 8 * 4
 
 
-def test_export_policy_of_a_run_checkpoint(tmp_path):
-  # A run's checkpoint (trainer layout: {"state": TrainState, "history"} + meta config) -> HF directory via the CLI.
+def test_export_policy_of_a_run_checkpoint(tmp_path, monkeypatch):
+  # A run's checkpoint (trainer layout: {"state": TrainState, "history"} + meta config) -> HF directory via the CLI
+  # `python -m trm_jax.models.hf export` (its __main__ runs trm_jax.export.main), run in-process.
   from trm_jax import checkpoint as ckpt_lib
   from trm_jax import learner as learner_lib
   src = os.path.join(FIXTURES, "qwen3_moe")
@@ -237,7 +240,9 @@ def test_export_policy_of_a_run_checkpoint(tmp_path):
   ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
   ck.save(7, {"state": state, "history": ()}, {"config": {"model": {"hf_path": src}}})
   ck.close()
-  hf.main(["export", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", "--dtype=keep"])
+  monkeypatch.setattr(sys, "argv", ["trm_jax.models.hf", "export", f"--workdir={tmp_path}",
+                                    f"--out={tmp_path / 'out'}", "--dtype=keep"])
+  runpy.run_module("trm_jax.models.hf", run_name="__main__", alter_sys=True)
   assert os.path.exists(tmp_path / "out" / hf.GENERATION)  # copied from hf_path with the tokenizer files
   again = nnx.state(hf.load_pretrained(str(tmp_path / "out")), nnx.Param)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again)):

@@ -99,6 +99,65 @@ def test_logp_equals_recomputation(dense, prompts, temperature, top_p, top_k):
     assert bool(jnp.all(jnp.take_along_axis(logits, out.tokens[..., None], -1)[..., 0][m] >= kth[m]))
 
 
+def reference_probs(logits, temperature, top_p=1.0, top_k=0, *, drop_last_kept=False):
+  """float64 sampling distribution written from its definition, by hand (no trm_jax code).
+
+  p = softmax(logits / temperature) over the top_k most likely tokens (0 = all), then over the nucleus:
+  sorted descending, a token is kept iff the mass strictly before it is < top_p; renormalised each time.
+  drop_last_kept: the broken variant that keeps one nucleus token too few (only to show the test's power).
+  """
+  x = np.asarray(logits, np.float64) / temperature
+  order = np.argsort(-x, kind="stable")
+  assert np.all(np.diff(x[order]) < -1e-6), "ties would make the kept set ambiguous; pick other logits"
+  p = np.zeros_like(x)
+  top = order[:top_k or len(x)]
+  p[top] = np.exp(x[top] - x[top].max())
+  p /= p.sum()
+  if top_p < 1.0:
+    before = np.cumsum(p[order]) - p[order]
+    assert np.min(np.abs(before - top_p)) > 1e-3, "the nucleus edge is too close to top_p for float32"
+    kept = order[before < top_p][:-1 if drop_last_kept else None]
+    p = np.where(np.isin(np.arange(len(x)), kept), p, 0.0)
+    p /= p.sum()
+  return p
+
+
+# 4 prompts x G draws of the first response token per setting; each token's count must lie in its exact binomial
+# [1e-7, 1 - 1e-7] quantile range (false alarm < 2e-7 per token, < 1e-4 over all 2 x 4 x 32 counts; the seed is
+# fixed, so the outcome is reproducible), and truncated tokens are never drawn.
+DRAWS_PER_PROMPT = 16384
+ALPHA = 1e-7
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 1.0, 0), (1.3, 0.8, 12)])
+def test_sampled_frequencies_match_the_softmax(dense, temperature, top_p, top_k):
+  # Catches breaks of the shared processing or of the draw itself, which the logp == recomputation test cannot
+  # see (both sides go through processed_logprobs): temperature applied twice or not at all, top-p keeping one
+  # token too few (`csum < top_p` instead of `csum - p < top_p`) or too many, top-k off by one, top-k applied
+  # after top-p, sampling from the raw instead of the processed logits. The asserts on `broken` below check that
+  # the bounds are tight enough to reject the first two for these logits.
+  from scipy import stats
+  g, params = dense
+  G = DRAWS_PER_PROMPT
+  prompt = jax.random.randint(jax.random.key(3), (4, P), 3, V)
+  out = sample_groups(g, params, prompt, jnp.ones((4, P), bool), jax.random.key(5), group_size=G, max_new_tokens=1,
+                      temperature=temperature, top_p=top_p, top_k=top_k, eos_id=-1, return_logits=True, loop="scan")
+  logits = np.asarray(out.logits[:, 0]).reshape(4, G, V)
+  tokens = np.asarray(out.tokens[:, 0]).reshape(4, G)
+  for i in range(4):
+    np.testing.assert_array_equal(logits[i], np.broadcast_to(logits[i, 0], (G, V)))  # one distribution per prompt
+    p = reference_probs(logits[i, 0], temperature, top_p, top_k)
+    counts = np.bincount(tokens[i], minlength=V)
+    lo, hi = stats.binom.ppf(ALPHA, G, p), stats.binom.isf(ALPHA, G, p)
+    np.testing.assert_array_equal(counts[p == 0], 0)
+    assert np.all((counts >= lo) & (counts <= hi)), (i, counts, np.round(G * p, 1))
+    broken = [reference_probs(logits[i, 0], temperature ** 2, top_p, top_k)]
+    if top_p < 1.0:
+      broken.append(reference_probs(logits[i, 0], temperature, top_p, top_k, drop_last_kept=True))
+    for q in broken:  # the expected counts of a broken sampler fall outside the bounds for some token
+      assert np.any((G * q < lo) | (G * q > hi))
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_full_and_cached_kernels_agree(kind, prompts, request):
   g, params = request.getfixturevalue(kind)
@@ -275,33 +334,3 @@ def test_bad_arguments(dense, prompts):
     sample(g, params, *prompts, jax.random.key(0), max_new_tokens=T, top_p=0.0)
   with pytest.raises(ValueError, match="max_len"):
     sample(g, params, *prompts, jax.random.key(0), max_new_tokens=64)
-
-
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (0.7, 0.7, 0), (1.3, 1.0, 2)])
-def test_sampled_frequencies_follow_the_processed_softmax(temperature, top_p, top_k):
-  """N draws of the sampler's token choice on fixed logits match an independent float64 reference: the
-  softmax of logits / temperature, cut to the nucleus (smallest top set with mass >= top_p) or the top-k,
-  renormalised; within 5 binomial sigmas per token. Catches: temperature applied twice or not at all, a
-  nucleus or top-k one token too small / too large, sampling from the unprocessed logits, a logp that is not
-  the processed distribution's."""
-  _choose = sampler._choose  # the one place a token is drawn
-  probs = np.array([0.5, 0.3, 0.15, 0.05])  # after temperature: nucleus 0.7 keeps exactly the top 2
-  logits = np.log(probs) * temperature
-  n = 40000
-  ref = np.exp(logits / temperature - np.log(np.exp(logits / temperature).sum()))
-  keep = np.ones(4, bool)
-  if top_p < 1:
-    order = np.argsort(-ref)
-    before = np.cumsum(ref[order]) - ref[order]
-    keep = np.zeros(4, bool)
-    keep[order[before < top_p]] = True
-  if top_k:
-    keep &= ref >= np.sort(ref)[::-1][top_k - 1]
-  ref = np.where(keep, ref, 0.0) / np.where(keep, ref, 0.0).sum()
-  out, _ = _choose(jnp.asarray(np.tile(logits, (n, 1)), jnp.float32), 0, jnp.zeros(n, bool),
-                   jax.random.PRNGKey(0), jnp.asarray([99], jnp.int32), 0, temperature, top_p, top_k, False, 0)
-  tok, logp = np.asarray(out["tokens"]), np.asarray(out["logp"], np.float64)
-  freq = np.bincount(tok, minlength=4) / n
-  sigma = np.sqrt(ref * (1 - ref) / n)
-  assert np.all(np.abs(freq - ref) <= 5 * sigma + 1e-12), (freq, ref)
-  np.testing.assert_allclose(logp, np.log(ref[tok]), rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from trm_jax import divergence
-from trm_jax.rollout.sampler import sequence_inputs
+from trm_jax.models import sequence_inputs
 from trm_jax.rollout.sampling import is_truncated, processed_logits
 
 

@@ -239,3 +239,15 @@ def positions_from_valid(valid: jax.Array) -> jax.Array:
   """RoPE positions [B,L] int32 counting valid tokens only (0 for left padding)."""
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
+
+def sequence_inputs(prompt, prompt_mask, response, response_mask=None):
+  """(tokens, positions, valid) [B,P+T] of prompt + response for a full forward.
+
+  Positions match the sampler's; the logits predicting response token t sit at slot P-1+t, i.e.
+  `logits[:, P-1:P-1+T]`.
+  """
+  if response_mask is None:
+    response_mask = jnp.ones(response.shape, bool)
+  tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
+  valid = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
+  return tokens, positions_from_valid(valid), valid

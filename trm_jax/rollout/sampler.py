@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx, struct
 
 from trm_jax.models import LEARNER, Numerics
-from trm_jax.models.transformer import positions_from_valid
+from trm_jax.models.transformer import positions_from_valid, sequence_inputs
 from trm_jax.rollout.sampling import check_sampling_args, processed_logprobs
 
 KERNELS = ("cached", "full")
@@ -54,19 +54,6 @@ class SampleOutput:
 def clip_frac(out: SampleOutput) -> jax.Array:
   """`response/clip_frac`: fraction of rows cut at max length (no stop id within T tokens)."""
   return jnp.mean(out.clipped.astype(jnp.float32))
-
-
-def sequence_inputs(prompt, prompt_mask, response, response_mask=None):
-  """(tokens, positions, valid) [B,P+T] of prompt + response for a full forward.
-
-  Positions match the sampler's; the logits predicting response token t sit at slot P-1+t, i.e.
-  `logits[:, P-1:P-1+T]`.
-  """
-  if response_mask is None:
-    response_mask = jnp.ones(response.shape, bool)
-  tokens = jnp.concatenate([prompt, response], axis=1).astype(jnp.int32)
-  valid = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
-  return tokens, positions_from_valid(valid), valid
 
 
 def _choose(logits, t, done, rng, stop_ids, pad_id, temperature, top_p, top_k, return_logits, topk):

@@ -1,8 +1,8 @@
-"""Hugging Face interop: local Qwen3 / Qwen3-MoE / Qwen2 checkpoints <-> the trm_jax `Transformer`.
+"""Hugging Face safetensors <-> trm_jax `Transformer` parameters: the name / layout table, sliced sharded
+loading, and writing.
 
     model = load_pretrained("/ckpt/Qwen3-8B-Base", mesh=mesh)      # logits = model(tokens, positions, valid)
     save_pretrained(model, "/out/policy", dtype="bfloat16")         # transformers / vLLM load it
-    python -m trm_jax.models.hf export --workdir=RUN --out=DIR      # a training run's policy -> HF directory
 
 Loading reads `config.json` and `model.safetensors` or `model.safetensors.index.json` (+ its shards). Each
 parameter is created directly in its sharding with `jax.make_array_from_callback`: a process reads, through
@@ -25,116 +25,17 @@ import shutil
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from trm_jax import sharding as sharding_lib
+from trm_jax.models.hf.config import (CONFIG, GENERATION, INDEX, SIDE_FILES, SINGLE, HFCheckpointError,
+                                      hf_config_from_model_config, model_config_from_hf)
 from trm_jax.models.layers import DTYPES
-from trm_jax.models.transformer import DEFAULT_MAX_LEN, ModelConfig, Transformer
+from trm_jax.models.transformer import ModelConfig, Transformer
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-CONFIG, SINGLE, INDEX, GENERATION = ("config.json", "model.safetensors", "model.safetensors.index.json",
-                                     "generation_config.json")
-# Files copied next to an export so the directory is a complete HF model (tokenizer, chat template, stops).
-SIDE_FILES = (GENERATION, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-              "merges.txt", "chat_template.jinja")
 ST_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}  # safetensors dtypes the loader reads (and casts)
-
-
-class HFCheckpointError(ValueError):
-  """A checkpoint directory trm_jax cannot (or refuses to) read; the message names the file/tensor/field."""
-
-
-# ----------------------------------------------------------------------------- config.json
-
-
-def read_hf_config(path: str) -> dict:
-  file = os.path.join(path, CONFIG)
-  if not os.path.isfile(file):
-    raise HFCheckpointError(f"{file}: missing (a Hugging Face checkpoint directory needs config.json)")
-  with open(file) as f:
-    return json.load(f)
-
-
-def model_config_from_hf(path_or_config, *, dtype: str = "float32", max_len: int | None = None,
-                         scan_layers: bool = True) -> ModelConfig:
-  """The `ModelConfig` of a checkpoint's config.json (a directory or the parsed dict); rejects what the model
-  does not compute exactly as transformers does (rope scaling, sliding windows, other activations), by name."""
-  hc = read_hf_config(path_or_config) if isinstance(path_or_config, str) else dict(path_or_config)
-  where = os.path.join(path_or_config, CONFIG) if isinstance(path_or_config, str) else CONFIG
-  mt = hc.get("model_type")
-  if mt not in ARCHITECTURES:
-    raise HFCheckpointError(f"{where}: model_type={mt!r} is not supported; trm_jax reads {tuple(ARCHITECTURES)}")
-  archs = hc.get("architectures") or [ARCHITECTURES[mt]]
-  if archs != [ARCHITECTURES[mt]]:
-    raise HFCheckpointError(f"{where}: architectures={archs} is not [{ARCHITECTURES[mt]!r}] (model_type={mt!r})")
-  bad = lambda field, value, why: HFCheckpointError(f"{where}: {field}={value!r} is not supported ({why})")
-  rope = hc.get("rope_parameters") or {}
-  if any(isinstance(v, dict) for v in rope.values()):
-    raise bad("rope_parameters", rope, "per-layer-type RoPE settings")
-  if hc.get("rope_scaling"):
-    raise bad("rope_scaling", hc["rope_scaling"], "only plain RoPE is implemented")
-  if rope.get("rope_type", "default") != "default":
-    raise bad("rope_parameters.rope_type", rope["rope_type"], "only plain RoPE is implemented")
-  if rope.get("partial_rotary_factor", 1.0) != 1.0:
-    raise bad("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE covers head_dim")
-  if hc.get("use_sliding_window"):
-    raise bad("use_sliding_window", True, "every layer attends to the full context")
-  if any(t != "full_attention" for t in hc.get("layer_types") or ()):
-    raise bad("layer_types", hc["layer_types"], "every layer attends to the full context")
-  if hc.get("quantization_config"):
-    raise bad("quantization_config", hc["quantization_config"].get("quant_method", "?"), "load a bf16/f32 checkpoint")
-  if hc.get("hidden_act", "silu") != "silu":
-    raise bad("hidden_act", hc["hidden_act"], "the MLP is SwiGLU with silu")
-  theta = rope.get("rope_theta", hc.get("rope_theta", 10000.0))
-  n_heads = int(hc["num_attention_heads"])
-  moe = {}
-  if mt == "qwen3_moe":
-    if hc.get("shared_expert_intermediate_size"):
-      raise bad("shared_expert_intermediate_size", hc["shared_expert_intermediate_size"], "no shared expert")
-    n_experts = int(hc.get("num_experts", hc.get("num_local_experts", 0)))
-    moe = dict(kind="moe", n_experts=n_experts, experts_top_k=int(hc["num_experts_per_tok"]),
-               moe_d_ff=int(hc["moe_intermediate_size"]), moe_every=int(hc.get("decoder_sparse_step", 1)),
-               mlp_only_layers=tuple(hc.get("mlp_only_layers") or ()),
-               norm_topk_prob=bool(hc.get("norm_topk_prob", False)))
-    if n_experts <= 0:  # HF then builds a dense model; say so rather than guess
-      raise bad("num_experts", n_experts, "a qwen3_moe checkpoint without experts")
-  attn_bias = bool(hc.get("attention_bias", False))
-  return ModelConfig(
-      vocab_size=int(hc["vocab_size"]), d_model=int(hc["hidden_size"]), n_layers=int(hc["num_hidden_layers"]),
-      n_heads=n_heads, n_kv_heads=int(hc.get("num_key_value_heads") or n_heads),
-      head_dim=int(hc.get("head_dim") or int(hc["hidden_size"]) // n_heads), d_ff=int(hc["intermediate_size"]),
-      max_len=int(max_len or hc.get("max_position_embeddings") or DEFAULT_MAX_LEN), rope_theta=float(theta),
-      rms_norm_eps=float(hc.get("rms_norm_eps", 1e-6)), qk_norm=mt != "qwen2", qkv_bias=mt == "qwen2" or attn_bias,
-      o_bias=mt != "qwen2" and attn_bias, tie_embeddings=bool(hc.get("tie_word_embeddings", False)),
-      param_dtype=dtype, scan_layers=scan_layers, **moe)
-
-
-def hf_config_from_model_config(cfg: ModelConfig, *, dtype: str) -> dict:
-  """config.json for `cfg`, in the transformers 4.x spelling that 4.x, 5.x and vLLM all read."""
-  if cfg.qk_norm:
-    if cfg.qkv_bias != cfg.o_bias:
-      raise HFCheckpointError(f"Qwen3's attention_bias sets q/k/v and o biases together; got qkv_bias="
-                              f"{cfg.qkv_bias}, o_bias={cfg.o_bias}")
-    mt = "qwen3_moe" if cfg.kind == "moe" else "qwen3"
-  elif cfg.qkv_bias and not cfg.o_bias and cfg.kind == "dense":
-    mt = "qwen2"
-  else:
-    raise HFCheckpointError(f"no HF architecture for qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}, o_bias="
-                            f"{cfg.o_bias}, kind={cfg.kind!r}: Qwen3(-MoE) needs qk_norm, Qwen2 dense q/k/v bias only")
-  hc = dict(architectures=[ARCHITECTURES[mt]], model_type=mt, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-            max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-            rope_scaling=None, tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
-            sliding_window=None, attention_dropout=0.0, torch_dtype=dtype, use_cache=True)
-  if mt != "qwen2":
-    hc["attention_bias"] = cfg.o_bias
-  if mt == "qwen3_moe":
-    hc.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_top_k,
-              moe_intermediate_size=cfg.moe_d_ff or cfg.d_ff, decoder_sparse_step=cfg.moe_every,
-              mlp_only_layers=list(cfg.mlp_only_layers), norm_topk_prob=cfg.norm_topk_prob,
-              output_router_logits=False, router_aux_loss_coef=0.001)
-  return hc
 
 
 # ----------------------------------------------------------------------------- the name / layout table
@@ -312,13 +213,15 @@ def read_param(reader: CheckpointReader, src: Source, index: tuple, dtype) -> np
   return np.stack(cores).reshape(names.shape + cores[0].shape) if ns else cores[0]
 
 
-def _flat_paths(state) -> list[str]:
+def flat_paths(state) -> list[str]:
+  """The dotted parameter paths ("layers.attn.wq") of a State's leaves, in leaf order."""
   paths = []
-  jax.tree_util.tree_map_with_path(lambda p, _: paths.append(_path(p)), state)
+  jax.tree_util.tree_map_with_path(lambda p, _: paths.append(param_path(p)), state)
   return paths
 
 
-def _path(keypath) -> str:
+def param_path(keypath) -> str:
+  """A pytree key path -> the dotted parameter path `param_sources` is keyed by."""
   parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
   return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
@@ -332,7 +235,7 @@ def load_params(path: str, cfg: ModelConfig, abstract_params, shardings, *, read
   """
   reader = reader or CheckpointReader(path)
   sources = param_sources(cfg)
-  paths = _flat_paths(abstract_params)
+  paths = flat_paths(abstract_params)
   unknown = sorted(set(paths) - set(sources))
   if unknown:  # the model grew a parameter the table does not know: a trm_jax bug, not the user's
     raise HFCheckpointError(f"parameter {unknown[0]} has no Hugging Face counterpart in trm_jax.models.hf")
@@ -391,7 +294,6 @@ def load_pretrained(path: str, *, dtype: str = "float32", mesh=None, max_len: in
 def _host(x) -> np.ndarray:
   """The whole value of a (possibly multi-process sharded) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -402,7 +304,7 @@ def hf_tensors(model, dtype: str | None = None):
   _, params = nnx.split(model, nnx.Param)
   sources = param_sources(cfg)
   leaves = jax.tree.leaves(params)
-  for p, leaf in zip(_flat_paths(params), leaves):
+  for p, leaf in zip(flat_paths(params), leaves):
     src = sources[p]
     full = _host(leaf)
     if dtype is not None:
@@ -424,7 +326,6 @@ def save_pretrained(model, out_dir: str, *, dtype: str | None = None, max_shard_
     copy_from: a directory whose tokenizer / generation files (SIDE_FILES) are copied alongside.
   Returns the written safetensors file names. Only process 0 writes; every process must call it.
   """
-  from safetensors.numpy import save_file  # noqa: PLC0415
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f"save_pretrained dtype must be one of {tuple(DTYPES)} or None, got {dtype!r}")
   cfg = model.cfg
@@ -469,79 +370,3 @@ def save_pretrained(model, out_dir: str, *, dtype: str | None = None, max_shard_
       with open(os.path.join(out_dir, GENERATION), "w") as fh:
         json.dump(generation_config, fh, indent=2, sort_keys=True)
   return files
-
-
-# ----------------------------------------------------------------------------- a training run's policy -> HF
-
-
-def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None, dtype: str | None = "bfloat16",
-                      max_shard_bytes: int = 5 * 2**30) -> str:
-  """Writes the policy (learner parameters) of a trm_jax run's checkpoint as a Hugging Face directory.
-
-  Restores only `state.params` of step `step` (default: the newest) from `workdir/checkpoints`; the model shape
-  comes from the run's config (meta["config"]["model"]: its `hf_path` checkpoint's config.json, whose tokenizer
-  and generation files are copied along, else its size / arch fields). Returns `out_dir`.
-  """
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  from trm_jax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from trm_jax.models.transformer import model_config_from  # noqa: PLC0415
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ck.latest_step() if step is None else int(step)
-  if step is None or step not in ck.all_steps():
-    raise HFCheckpointError(f"{ck.directory}: no checkpoint {'at all' if step is None else f'at step {step}'} "
-                            f"(steps: {ck.all_steps()})")
-  mcfg = (ck.restore_meta(step).get("config") or {}).get("model") or {}
-  item = os.path.join(ck.directory, str(step), "state")
-  saved = ocp.PyTreeCheckpointer().metadata(item)
-  saved = getattr(saved, "item_metadata", saved) or saved
-  saved_params = saved["state"]["params"]
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # an export holds the params on one host
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), saved_params)
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), target)
-  restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
-      item={"state": {"params": target}}, restore_args={"state": {"params": restore_args}}, partial_restore=True))
-  flat = {}
-  jax.tree_util.tree_map_with_path(lambda p, x: flat.__setitem__(_path(p), x), restored["state"]["params"])
-  hf_path = mcfg.get("hf_path") or ""
-  pdt = str(np.dtype(flat["embed"].dtype)) if "embed" in flat else "float32"
-  if hf_path:
-    cfg = model_config_from_hf(hf_path, dtype=pdt, max_len=mcfg.get("max_len") or None)
-  else:
-    cfg = model_config_from(mcfg, int(flat["embed"].shape[0]))
-    cfg = dataclasses.replace(cfg, param_dtype=pdt)
-  graphdef, abstract = abstract_model(cfg)
-
-  def fill(path, leaf):
-    p = _path(path)
-    if p not in flat or tuple(flat[p].shape) != tuple(leaf.shape):
-      raise HFCheckpointError(f"{item}: parameter {p} is {'missing' if p not in flat else flat[p].shape}, the run's "
-                              f"config implies {leaf.shape}")
-    return flat.pop(p)
-
-  params = jax.tree_util.tree_map_with_path(fill, abstract)
-  if flat:
-    raise HFCheckpointError(f"{item}: parameters {sorted(flat)[:3]} are not in the model the run's config builds")
-  save_pretrained(nnx.merge(graphdef, params), out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                  copy_from=hf_path or None)
-  return out_dir
-
-
-def main(argv=None) -> None:
-  import argparse  # noqa: PLC0415
-  p = argparse.ArgumentParser(prog="python -m trm_jax.models.hf", description=__doc__.split("\n")[0])
-  sub = p.add_subparsers(dest="cmd", required=True)
-  e = sub.add_parser("export", help="a run's checkpointed policy -> a Hugging Face model directory")
-  e.add_argument("--workdir", required=True, help="the run's --workdir (holds checkpoints/)")
-  e.add_argument("--out", required=True, help="output directory (config.json + safetensors + tokenizer files)")
-  e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "keep"),
-                 help="storage dtype of the exported weights (keep: the run's parameter dtype)")
-  e.add_argument("--max_shard_bytes", type=int, default=5 * 2**30)
-  a = p.parse_args(argv)
-  out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=None if a.dtype == "keep" else a.dtype,
-                          max_shard_bytes=a.max_shard_bytes)
-  print(f"[trm_jax] exported {a.workdir} -> {out}")
-
-
-if __name__ == "__main__":
-  main()
