@@ -158,10 +158,14 @@ def test_staleness_k2_rollout_uses_params_two_updates_old(data_dir, tmp_path):
   cfg = smoke_config(data_dir, **{"rollout.backend.precision": "float32", "rollout.backend.attention": "standard",
                                   "rollout.backend.staleness_k": 2, "optim.lr": 3e-3, "eval.every": 0,
                                   "warmstart.steps": 120, "rl.group_size": 4,  # varied rewards -> non-zero updates
-                                  "checkpoint.every": 0, "log.plot": False, "log.tensorboard": False})
+                                  "checkpoint.every": 0, "log.plot": False, "log.tensorboard": False,
+                                  # No masking: a step whose mask rejects every row skips the optimizer, and then
+                                  # the learner would not be the number of updates ahead this test counts.
+                                  "trm.criterion": "none"})
   trainer.train(cfg, str(tmp_path))
   rows = metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl"))
   rows = [r for r in rows if r["step"] > 0]
+  assert all(r["update/skipped_empty"] == 0 for r in rows)
   kl = [r["mismatch/kl_max"] for r in rows]
   assert any(r["grad_norm"] > 0 for r in rows[:2]), "no update happened: the test would prove nothing"
   # Step 1: rollout params = warm-start params = learner params -> exact agreement (same f32 program).
