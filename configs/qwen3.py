@@ -88,7 +88,7 @@ def get_config(arg: str = ""):
   c.trm.delta = delta
   c.trm.delta_avg = delta_avg
   c.baseline.kind = baseline
-  if baseline in ("tis", "seq_is"):  # decoupled PPO: the IS weight corrects rollout -> proximal (issue 10)
+  if baseline in ("tis", "seq_is"):  # decoupled PPO: the IS weight corrects rollout -> proximal
     c.rl.ratio_base = "learner"
 
   c.optim.lr = 1e-6  # paper

@@ -176,7 +176,7 @@ def test_bound_tables_script_main():
 
 
 def test_certificate_tv_only_uses_tv_supported_bounds():
-  """Top-k rollouts (issue 10): the KL is a lower bound, so B* = min(Coupling, Mixed-TV with TV_seq =
+  """Top-k rollouts: the KL is a lower bound, so B* = min(Coupling, Mixed-TV with TV_seq =
   min(1, sum_t Dbar_t), Adaptive-TV) and no KL-based bound is returned; inf at padding stays out."""
   tv = jnp.array([[0.1, 0.2, 0.05, jnp.inf], [0.1, 0.0, jnp.inf, jnp.inf]])
   mask = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], jnp.float32)

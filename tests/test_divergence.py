@@ -176,7 +176,7 @@ def test_seq_reductions_and_ppl_gap():
   assert float(divergence.log_ppl_gap(learner, rollout, jnp.zeros_like(mask))) == 0.0
 
 
-# ----------------------------------------------------------------------------------------- accuracy (issue 10/9)
+# ----------------------------------------------------------------------------------------- accuracy -----------
 
 def _np_lm_like(n, V, scales, seed=0):
   """Peaked LM-like float32 logits: a Zipf-like base (+ Gumbel jitter), learner = base + t(3) noise * scale."""
@@ -190,7 +190,7 @@ def _np_lm_like(n, V, scales, seed=0):
 def test_exact_divergences_float32_match_float64_at_qwen_vocab():
   """Per-token KL from 1e-9 to 1e-3 at V = 151936: float32 within 1e-3 relative + 1e-9 of float64.
 
-  The old sum p (log_softmax(a) - log_softmax(b)) was off by 7x at KL ~ 1e-6 (issue 10, item 9).
+  The old sum p (log_softmax(a) - log_softmax(b)) was off by 7x at KL ~ 1e-6.
   """
   scales = np.logspace(-4.5, -1, 8)
   a, b = _np_lm_like(8, 151936, scales)
@@ -241,7 +241,7 @@ def _np_entropy(x):
   return -np.where(p > 0, p * np.where(p > 0, lp, 0), 0).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------- top-k (issue 10/5)
+# ----------------------------------------------------------------------------------------- top-k -----------
 
 def test_topk_kl_lower_bound_finite_on_tiny_tails():
   """tail_roll 2e-6, tail_learner 5e-7: the old code returned +inf while the exact KL is ~1.3e-6."""

@@ -192,7 +192,7 @@ def test_certificate_on_uniform_rollout_is_exact_and_valid():
 
 
 def test_certified_improvement_is_a_lower_bound_on_the_true_gain():
-  """The certificate as the paper defines it (issue 10): with the UPDATED policy theta, L'(theta) =
+  """The certificate as the paper defines it: with the UPDATED policy theta, L'(theta) =
   mean_i R_i sum_t (rho_t - 1) over the whole batch and B* from theta vs pi_roll, L' - B* <= J(theta) -
   J(roll) (because |Error| <= B*); so a positive value certifies an improvement. A uniform rollout batch
   holding every response once is an exact expectation, so this holds exactly (float32 slack)."""

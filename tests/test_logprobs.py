@@ -78,7 +78,7 @@ def test_jit_eager_chunked_unchunked_and_sources_agree(data):
 
 @pytest.mark.parametrize("sampling", [(1.0, 0.7, 0), (1.3, 0.9, 6)])
 def test_identical_policies_with_truncation_give_zero_divergence_and_ratio_one(data, sampling):
-  """Issue 10, item 8: the learner on the rollout's kept set. Old code: KL 0.08, kl_reverse inf here."""
+  """The learner on the rollout's kept set. Old code: KL 0.08, kl_reverse inf here."""
   h, w, _, tok = data
   tok = np.where(np.arange(T) % 2 == 0, np.argmax(h @ w, -1), tok).astype(np.int32)  # some surely kept
   out = _stats(h, w, w, tok, sampling, chunk=4)
@@ -124,7 +124,7 @@ def test_no_rollout_distribution_uses_the_learners_own_kept_set(data):
 
 
 def test_exact_chunk_uses_one_exp_pass_per_side():
-  """Issue 13, item 1: 2 exp passes over [.., V] for learner logp + entropy + KL + reverse KL + TV (was 4+)."""
+  """2 exp passes over [.., V] for learner logp + entropy + KL + reverse KL + TV (was 4+)."""
   a = jnp.zeros((2, 3, 4096), jnp.float32)
   tok = jnp.zeros((2, 3), jnp.int32)
   jaxpr = jax.make_jaxpr(lambda a, b: lp.exact_chunk(a, b, tok, (1.0, 1.0, 0)))(a, a).jaxpr

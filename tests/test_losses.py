@@ -115,7 +115,7 @@ def test_all_masked_batch_is_zero_without_nan(mode):
   assert float(loss) == 0.0 and np.all(np.asarray(g) == 0.0)
 
 
-# ----------------------------------------------------------------------------- IS x PPO composition (issue 10)
+# ----------------------------------------------------------------------------- IS x PPO composition -----------
 # The gradient weight of one token, N * d loss / d log pi_theta(y_t), through the learner's own composition
 # (learner.analyse -> policy_loss) as the fused update computes it: pi_theta = pi_prox at the step, rho =
 # pi_prox / pi_roll. RLOO on groups of 2 with rewards (1, 0) gives A = +1 and -1 exactly.

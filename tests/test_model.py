@@ -277,7 +277,7 @@ def test_sharded_forward_matches_single_device(model):
     np.testing.assert_array_equal(routes, ref_routes)
 
 
-# ----------------------------------------------------------------------------- architectures (issue 11)
+# ----------------------------------------------------------------------------- architectures -----------
 
 # Hand-chosen irregular MoE layout: moe_every=1 with layers 0 and 3 dense (HF mlp_only_layers) -> MoE at 1, 2, 4.
 ARCH_CONFIGS = {

@@ -1,4 +1,4 @@
-"""Failures and resumes (issue 14): non-finite updates, changed resumes, damaged checkpoints, metrics
+"""Failures and resumes: non-finite updates, changed resumes, damaged checkpoints, metrics
 after a resume, preemption by SIGTERM, one-line CLI errors, scripts that must not destroy results."""
 import glob
 import os

@@ -1,4 +1,4 @@
-"""Top-p / top-k kept set without a full sort: the same nucleus as the full sort (issue 13, item 2)."""
+"""Top-p / top-k kept set without a full sort: the same nucleus as the full sort."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -55,7 +55,7 @@ def test_smoke_run_writes_every_metric(uninterrupted):
     for k in REQUIRED:
       assert row[k] is not None and math.isfinite(row[k]), (k, row[k])
   assert rows[1]["eval/reward_mean"] is not None
-  # The smoke run learns something (issue 14.8): non-zero rewards, real updates, parameters that move.
+  # The smoke run learns something: non-zero rewards, real updates, parameters that move.
   assert max(r["reward/mean"] for r in rows) > 0
   assert sum(r["grad_norm"] > 0 for r in rows) >= 2 and all(r["update/skipped"] == 0 for r in rows)
   import orbax.checkpoint as ocp

@@ -6,7 +6,7 @@ iterators' states, the config that wrote it). Resuming restores sampler and lear
 run continues exactly as an uninterrupted one (peers.md: mismatch spikes after resume when only the
 learner is restored).
 
-Reliability (issue 14):
+Reliability:
   * the checkpointed config is the run's identity: `config_changes` compares it field by field with
     the config of a restart; only `ALLOWED_CHANGES` (or fields the user names) may differ;
   * `restore_newest_good` tries the newest step, says in one line why it cannot be restored and falls

@@ -3,7 +3,7 @@
 Config files in `configs/` start from `default_config()` and change fields; the CLI overrides them
 (`--config.trm.delta=0.05`). Every field is commented here, once. Unknown keys are errors because
 the tree is locked: a typo such as `--config.trm.detla` fails instead of silently doing nothing
-(a pitfall seen in verl's renames, ../shared/spec/peers.md).
+(a pitfall seen in verl's renames).
 """
 from __future__ import annotations
 
