@@ -13,6 +13,10 @@ import os
 import ml_collections
 
 from trm_jax import advantages, certificate, divergence, losses, masking
+from trm_jax.data import tasks
+from trm_jax.data.pipeline import default_data_config
+from trm_jax.models import default_model_config
+from trm_jax.rollout.backends import backend_from_config, default_backend_config
 # The config-file helpers (configs/*.py call them as trm_jax.config.<name>).
 from trm_jax.config_args import (BACKEND_PRESETS, COMMON_ARGS, apply_backend_preset,  # noqa: F401
                                  apply_common_args, parse_arg)
@@ -32,11 +36,6 @@ SCHEDULES = ("constant", "cosine")
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field of the tree with its default; `configs/*.py` start from this."""
-  # Imported here so `trm_jax.config` stays cheap to import for tools that only validate.
-  from trm_jax.data.pipeline import default_data_config
-  from trm_jax.models import default_model_config
-  from trm_jax.rollout.backends import default_backend_config
-
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed: init, data order, sampling; a run is a function of (config, seed)
 
@@ -285,9 +284,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
   _check(config.checkpoint.max_consecutive_skips >= 1, "checkpoint.max_consecutive_skips", "must be >= 1")
   # The sub-trees own their own checks (they know their fields best).
-  from trm_jax.rollout.backends import backend_from_config
   backend_from_config(config.rollout.backend)
-  from trm_jax.data import tasks  # text tasks (dapo_math, aime24, aime25): the data.text fields
+  # text tasks (dapo_math, aime24, aime25): the data.text fields
   if tasks.is_text_task(config.data.task):
     try:
       tasks.check_text_config(config.data)

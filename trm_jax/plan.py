@@ -28,6 +28,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 from flax import nnx
 
+from trm_jax import build
+from trm_jax import config as config_lib
+from trm_jax import learner as learner_lib
+from trm_jax import sharding as sharding_lib
+from trm_jax.rollout.batch import RolloutBatch
+
 GiB = 1024**3
 
 
@@ -160,12 +166,6 @@ def _cost(compiled) -> dict:
 
 def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> dict:
   """Compiles the trainer's sampler and learner update for `topology`; returns the per-chip report dict."""
-  from trm_jax import build
-  from trm_jax import config as config_lib
-  from trm_jax import learner as learner_lib
-  from trm_jax import sharding as sharding_lib
-  from trm_jax.rollout.batch import RolloutBatch
-
   config_lib.validate(config)
   gen, _ = parse_topology(topology)
   chip = CHIPS[gen]
