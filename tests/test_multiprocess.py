@@ -51,6 +51,12 @@ EXACT = ("reward/mean", "response_length/mean", "eval/reward_mean", "eval/solved
 RTOL, ATOL = 2e-3, 1e-6
 # k1_mean = mean_t log(pi_roll / pi) cancels terms of either sign: an absolute error on the log-ratio scale.
 ATOL_FOR = {"mismatch/k1_mean": 5e-5}  # measured 8.4e-6
+# The post-update certificate (the max per-token divergence of the UPDATED policy, and what is built on it)
+# follows the layout more: Adam divides each gradient coordinate by its own scale, so reduction-order
+# differences in near-zero coordinates become visible parameter differences. Measured in ONE process, only
+# the mesh changed (fsdp 4 x tensor 2 vs data 8): bounds/post/delta 0.012553 vs 0.012620 (5.4e-3 relative).
+POST_UPDATE = ("bounds/post/", "bounds/accepted/", "bounds/certified_improvement")
+RTOL_POST = 1e-2
 # Wall-clock metrics differ by nature; everything else must agree.
 UNTIMED = lambda k: not (k.startswith("time/") or k == "tokens_per_sec")
 
@@ -138,7 +144,7 @@ def _assert_rows_close(got, want):
     for k in filter(UNTIMED, w):
       if k in EXACT or w[k] is None:
         assert g[k] == w[k], (g["step"], k, g[k], w[k])
-      elif abs(g[k] - w[k]) > ATOL_FOR.get(k, ATOL) + RTOL * abs(w[k]):
+      elif abs(g[k] - w[k]) > ATOL_FOR.get(k, ATOL) + (RTOL_POST if k.startswith(POST_UPDATE) else RTOL) * abs(w[k]):
         bad.append((abs(g[k] - w[k]) / max(abs(w[k]), 1e-30), g["step"], k, g[k], w[k]))
   assert not bad, "rel. error, step, metric, got, want:\n" + "\n".join(map(str, sorted(bad, reverse=True)[:10]))
 
