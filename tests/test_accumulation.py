@@ -60,11 +60,13 @@ def test_microbatches_give_the_same_update(mesh, batch, criterion, aggregation):
                 f"{criterion}/{aggregation}/k={k}")
 
 
-def test_microbatches_inside_rl_minibatches(mesh, batch):
-  """rl.minibatches = 2 (two optimizer steps) with k = 2 slices each: the same two steps as k = 1."""
+def test_microbatches_inside_rl_minibatches_on_a_sharded_mesh(batch):
+  """rl.minibatches = 2 (two optimizer steps) with k = 2 slices each, parameters sharded over fsdp x tensor
+  (the float32 gradient sum keeps their sharding): the same two steps as k = 1."""
+  eight = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": -1})
   over = {**BASE, **CRITERIA["max"], "rl.aggregation": "token_mean", "rl.minibatches": 2, "rl.epochs": 2}
-  ref = run(tiny_config(**over), mesh, batch, optax.sgd(LR))
-  assert_same(ref, run(tiny_config(**over, **{"learner.microbatches": 2}), mesh, batch, optax.sgd(LR)),
+  ref = run(tiny_config(**over), eight, batch, optax.sgd(LR))
+  assert_same(ref, run(tiny_config(**over, **{"learner.microbatches": 2}), eight, batch, optax.sgd(LR)),
               "minibatches=2/k=2")
 
 
@@ -73,10 +75,14 @@ def _hand_gradients(cfg, batch, slices):
   targets (learner.analyse), then (whole-batch gradient, mean over `slices` of each slice's own-mean gradient)."""
   with nnx.use_eager_sharding(False):
     model_def, params = learner_lib.split_model(Transformer(model_config_from(cfg.model, V), rngs=nnx.Rngs(0)))
-  side, aux = learner_lib.rollout_side(cfg, model_def, params, batch, backend_from_config(cfg.rollout.backend))
-  stats, extra = learner_lib.learner_stats(cfg, model_def.merge(params), batch, side, aux, grad_logp=False)
-  targets, _ = learner_lib.analyse(cfg, stats, extra, batch)
-  mb = dict(targets, response_mask=batch.response_mask.astype(jnp.float32))
+
+  @jax.jit
+  def targets(params, batch):
+    side, aux = learner_lib.rollout_side(cfg, model_def, params, batch, backend_from_config(cfg.rollout.backend))
+    stats, extra = learner_lib.learner_stats(cfg, model_def.merge(params), batch, side, aux, grad_logp=False)
+    return learner_lib.analyse(cfg, stats, extra, batch)[0]
+
+  mb = dict(targets(params, batch), response_mask=batch.response_mask.astype(jnp.float32))
 
   def loss(p, rows):
     model = model_def.merge(p)
@@ -85,17 +91,17 @@ def _hand_gradients(cfg, batch, slices):
     logp, _ = lp.token_logp(model, h, batch.response[rows], numerics=LEARNER, temperature=1.0, chunk=T)
     return learner_lib.policy_loss(cfg, logp, {k: v[rows] for k, v in mb.items()})[0]
 
-  whole = jax.grad(loss)(params, np.arange(B))
-  per_slice = [jax.grad(loss)(params, rows) for rows in slices]
+  grad = jax.jit(jax.grad(loss))
+  whole = grad(params, np.arange(B))
+  per_slice = [grad(params, rows) for rows in slices]
   return params, whole, jax.tree.map(lambda *g: sum(g) / len(g), *per_slice)
 
 
-def test_the_slices_share_the_whole_batch_denominator(mesh):
+def test_the_slices_share_the_whole_batch_denominator(mesh, batch):
   """k = 2 is the whole-batch gradient computed by hand, and measurably not the mean of the two slices'
   own token means (the naive accumulation): the slices hold different token counts."""
   over = {**BASE, **CRITERIA["max"], "rl.aggregation": "token_mean", "learner.microbatches": 2}
   cfg = tiny_config(**over)
-  batch = near_learner(cfg, make_batch(5))
   halves = [np.arange(B // 2), np.arange(B // 2, B)]
   counts = [float(np.asarray(batch.response_mask)[rows].sum()) for rows in halves]
   assert counts[0] != counts[1]
