@@ -25,14 +25,11 @@ from flax import nnx
 from trm_jax import advantages as advantages_lib
 from trm_jax import certificate, divergence, losses, masking
 from trm_jax import logprobs as lp
+from trm_jax.guard import GUARD_KEYS, all_finite, guarded_update  # noqa: F401 (learner.guarded_update)
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
-
-# trm.divergence names -> keys of divergence.sampled_estimators.
-ESTIMATOR_KEYS = {"k1": "k1", "k2": "k2", "k3": "k3", "abs_log": "abs_log_ratio", "tv_est": "tv_est"}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -193,16 +190,19 @@ def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
       "rl/advantage_abs_mean": jnp.abs(adv).sum() / jnp.maximum(seq_valid.sum(), 1.0),
       "mismatch/ppl_gap": divergence.log_ppl_gap(learner_logp, rollout_logp, mask),
   }
-  for k, v in corr.stats.items():
-    if k.startswith("accept_rate/"):
-      metrics[f"trm/{k}"] = v
-    elif k.startswith("baseline/"):
-      metrics[k] = v
-  for name in ("k1", "k3", "tv_est"):
-    metrics[f"mismatch/{name}_mean"] = est[name].sum() / denom
-  for name in ("k2", "k3", "abs_log_ratio"):
-    metrics[f"mismatch/{name}_max"] = est[name].max()
-  if has_exact:
+  metrics.update({(f"trm/{k}" if k.startswith("accept_rate/") else k): v for k, v in corr.stats.items()
+                  if k.startswith(("accept_rate/", "baseline/"))})
+  metrics.update(_mismatch_metrics(stats, est, exact, rollout_logp, mask, denom))
+  metrics.update(cert)  # mismatch/source, bounds/exact, bounds/plugin_valid and every plug-in bound
+  metrics.update(extra)
+  return targets, metrics
+
+
+def _mismatch_metrics(stats, est, exact, rollout_logp, mask, denom) -> dict:
+  """mismatch/*: the sampled-token estimators and, where the rollout side gives them, the exact divergences."""
+  metrics = {f"mismatch/{name}_mean": est[name].sum() / denom for name in ("k1", "k3", "tv_est")}
+  metrics.update({f"mismatch/{name}_max": est[name].max() for name in ("k2", "k3", "abs_log_ratio")})
+  if exact is not None:
     metrics.update({"mismatch/kl_max": exact["kl"].max(), "mismatch/kl_mean": exact["kl"].sum() / denom,
                     "mismatch/tv_max": exact["tv"].max(), "mismatch/tv_mean": exact["tv"].sum() / denom})
     if "kl_reverse" in exact:  # absent for top-k rollouts: the unseen tail leaves it unknown
@@ -212,9 +212,7 @@ def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
           jnp.abs(stats["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom
   else:  # estimates under the same names so curves stay comparable; mismatch/exact says which
     metrics.update({"mismatch/kl_max": est["k3"].max(), "mismatch/kl_mean": est["k3"].sum() / denom})
-  metrics.update(cert)  # mismatch/source, bounds/exact, bounds/plugin_valid and every plug-in bound
-  metrics.update(extra)
-  return targets, metrics
+  return metrics
 
 
 def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask, reward_range) -> dict:
@@ -236,13 +234,10 @@ def policy_loss(cfg, logp, mb, denom=None):
   mb["behaviour"] (rl.ratio_base). The aggregation gets the response mask, so rejected rows stay in every
   denominator (rejection sampling, losses.aggregate); aux["loss_denominator"] is the one used. `denom`: the
   whole minibatch's denominator when `mb` is one micro-batch of it (losses.aggregate)."""
-  mask = mb["response_mask"]
-  if cfg.rl.loss == "ppo_clip":
-    return losses.ppo_clip_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], eps_low=cfg.rl.clip_low,
-                                eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None,
-                                aggregation=cfg.rl.aggregation, mask=mask, denom=denom)
-  return losses.is_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation,
-                        mask=mask, denom=denom)
+  clip = (dict(eps_low=cfg.rl.clip_low, eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None)
+          if cfg.rl.loss == "ppo_clip" else {})
+  return losses.SURROGATES[cfg.rl.loss](logp, mb["behaviour"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation,
+                                        mask=mb["response_mask"], denom=denom, **clip)
 
 
 def accumulated_value_and_grad(loss_fn, params, mb, k: int, aggregation: str, grad_shardings=None):
@@ -374,38 +369,6 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None, grad_shardings
                                  "loss_denominator": aux["loss_denominator"], **guard}
 
   return update
-
-
-GUARD_KEYS = ("update/skipped", "update/skipped_empty", "update/nonfinite_loss", "update/nonfinite_grad",
-              "update/nonfinite_update")
-
-
-def all_finite(tree) -> jax.Array:
-  """True iff every element of every leaf of `tree` is finite (a scalar bool)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def guarded_update(tx, params, opt_state, loss, grads, nonempty=True):
-  """One optax step that is SKIPPED (params and optimizer state returned unchanged) when the loss, a
-  gradient or the updated parameters are not finite, so one bad batch never turns the parameters NaN.
-
-  Returns ((params, opt_state), flags): update/skipped, update/nonfinite_loss, update/nonfinite_grad,
-  update/nonfinite_update as 0/1 float32. The trainer counts consecutive skips and stops after
-  checkpoint.max_consecutive_skips. `nonempty` False (the mask removed every row or token) also skips the
-  step, logged as update/skipped_empty: a zero gradient would still move AdamW through its momentum."""
-  loss_ok, grad_ok = jnp.all(jnp.isfinite(loss)), all_finite(grads)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  update_ok = all_finite(new_params)  # e.g. an infinite learning rate: finite grads, non-finite step
-  finite = loss_ok & grad_ok & update_ok
-  ok = finite & nonempty
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  bad = lambda b: (~b).astype(jnp.float32)
-  flags = {"update/skipped": bad(finite), "update/skipped_empty": bad(jnp.asarray(nonempty)),
-           "update/nonfinite_loss": bad(loss_ok), "update/nonfinite_grad": bad(grad_ok),
-           "update/nonfinite_update": bad(update_ok)}
-  return (keep(new_params, params), keep(new_opt_state, opt_state)), flags
 
 
 def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_shardings, *, stale: bool,
