@@ -41,7 +41,7 @@ ALLOWED_CHANGES = (
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.max_consecutive_skips",
     "data.data_dir", "data.math_manual_dir", "data.num_threads", "data.prefetch",
     "mesh.*", "distributed.*",  # orbax reshards on restore: the global shapes do not depend on the mesh
-    "learner.chunk_size", "learner.remat",  # memory layout of the same computation
+    "learner.chunk_size", "learner.remat", "learner.microbatches",  # memory layout of the same computation
     "bounds.certify_update",  # extra logged metrics only
 )
 

@@ -118,6 +118,10 @@ def default_config() -> ml_collections.ConfigDict:
   # each chunk's logits (memory: one chunk)
   c.learner.dtype = "float32"  # learner activations/weights: float32 | bfloat16 (master params stay float32)
   c.learner.fuse = True  # epochs = minibatches = 1: one learner forward for statistics AND gradient
+  # Gradient accumulation: each optimizer step's gradient is computed in this many sequential slices of its
+  # rows (the same single step and numbers, less activation memory); batch statistics stay whole-batch ones
+  # (a no-grad pass fixes them, so > 1 takes the two-pass path). rl.minibatches = separate optimizer steps.
+  c.learner.microbatches = 1
 
   c.bounds = ml_collections.ConfigDict()
   c.bounds.certify_update = False  # one post-update forward on the batch: bounds/certified_improvement = L'(theta') - B*
@@ -255,6 +259,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   batch = config.rl.prompts_per_step * config.rl.group_size
   _check(config.rl.minibatches >= 1 and batch % config.rl.minibatches == 0, "rl.minibatches",
          f"must divide rl.prompts_per_step * rl.group_size = {batch}, got {config.rl.minibatches}")
+  rows = batch // config.rl.minibatches if config.rl.minibatches >= 1 and batch % config.rl.minibatches == 0 else 0
+  k = config.learner.microbatches
+  _check(k >= 1 and batch % k == 0 and (rows == 0 or rows % k == 0), "learner.microbatches",
+         f"must be >= 1 and divide rl.prompts_per_step * rl.group_size = {batch}"
+         + (f" and its rl.minibatches slices of {rows} rows" if config.rl.minibatches > 1 else "") + f", got {k}")
   _check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0")
   _check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
   _check(config.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")

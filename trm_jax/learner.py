@@ -6,7 +6,7 @@
     pre-update statistics: delta, eps, kl_seq, tv_seq, dbar -> every bound, B*            bounds.py
     mask / weights (TRM criterion x baseline x IS weight, composed once)                     masking.py
     advantages over ACCEPTED sequences only                                                 advantages.py
-    epochs x minibatches: surrogate -> grads -> optax                                       losses.py
+    epochs x minibatches: surrogate -> grads (summed over learner.microbatches slices) -> optax  losses.py
     bounds.certify_update: post-update forward -> L'(theta') - B*(theta' vs pi_roll)         bounds.py
 
 Everything above is traced into one XLA program (`jax.jit` with explicit shardings, the train state
@@ -25,14 +25,11 @@ from flax import nnx
 from trm_jax import advantages as advantages_lib
 from trm_jax import certificate, divergence, losses, masking
 from trm_jax import logprobs as lp
+from trm_jax.guard import GUARD_KEYS, all_finite, guarded_update  # noqa: F401 (learner.guarded_update)
 from trm_jax import sharding as sharding_lib
 from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
-
-# trm.divergence names -> keys of divergence.sampled_estimators.
-ESTIMATOR_KEYS = {"k1": "k1", "k2": "k2", "k3": "k3", "abs_log": "abs_log_ratio", "tv_est": "tv_est"}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -193,16 +190,19 @@ def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
       "rl/advantage_abs_mean": jnp.abs(adv).sum() / jnp.maximum(seq_valid.sum(), 1.0),
       "mismatch/ppl_gap": divergence.log_ppl_gap(learner_logp, rollout_logp, mask),
   }
-  for k, v in corr.stats.items():
-    if k.startswith("accept_rate/"):
-      metrics[f"trm/{k}"] = v
-    elif k.startswith("baseline/"):
-      metrics[k] = v
-  for name in ("k1", "k3", "tv_est"):
-    metrics[f"mismatch/{name}_mean"] = est[name].sum() / denom
-  for name in ("k2", "k3", "abs_log_ratio"):
-    metrics[f"mismatch/{name}_max"] = est[name].max()
-  if has_exact:
+  metrics.update({(f"trm/{k}" if k.startswith("accept_rate/") else k): v for k, v in corr.stats.items()
+                  if k.startswith(("accept_rate/", "baseline/"))})
+  metrics.update(_mismatch_metrics(stats, est, exact, rollout_logp, mask, denom))
+  metrics.update(cert)  # mismatch/source, bounds/exact, bounds/plugin_valid and every plug-in bound
+  metrics.update(extra)
+  return targets, metrics
+
+
+def _mismatch_metrics(stats, est, exact, rollout_logp, mask, denom) -> dict:
+  """mismatch/*: the sampled-token estimators and, where the rollout side gives them, the exact divergences."""
+  metrics = {f"mismatch/{name}_mean": est[name].sum() / denom for name in ("k1", "k3", "tv_est")}
+  metrics.update({f"mismatch/{name}_max": est[name].max() for name in ("k2", "k3", "abs_log_ratio")})
+  if exact is not None:
     metrics.update({"mismatch/kl_max": exact["kl"].max(), "mismatch/kl_mean": exact["kl"].sum() / denom,
                     "mismatch/tv_max": exact["tv"].max(), "mismatch/tv_mean": exact["tv"].sum() / denom})
     if "kl_reverse" in exact:  # absent for top-k rollouts: the unseen tail leaves it unknown
@@ -212,9 +212,7 @@ def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
           jnp.abs(stats["rollout_logp_recomputed"] - rollout_logp) * mask).sum() / denom
   else:  # estimates under the same names so curves stay comparable; mismatch/exact says which
     metrics.update({"mismatch/kl_max": est["k3"].max(), "mismatch/kl_mean": est["k3"].sum() / denom})
-  metrics.update(cert)  # mismatch/source, bounds/exact, bounds/plugin_valid and every plug-in bound
-  metrics.update(extra)
-  return targets, metrics
+  return metrics
 
 
 def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask, reward_range) -> dict:
@@ -231,30 +229,54 @@ def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, s
       seq_mask, kl=exact.get("kl"), tv=exact.get("tv"), source=cfg.trm.source, reward_range=reward_range)
 
 
-def policy_loss(cfg, logp, mb):
+def policy_loss(cfg, logp, mb, denom=None):
   """The surrogate on one minibatch: PPO clip or the paper's IS surrogate, both with the ratio against
   mb["behaviour"] (rl.ratio_base). The aggregation gets the response mask, so rejected rows stay in every
-  denominator (rejection sampling, losses.aggregate); aux["loss_denominator"] is the one used."""
-  mask = mb["response_mask"]
-  if cfg.rl.loss == "ppo_clip":
-    return losses.ppo_clip_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], eps_low=cfg.rl.clip_low,
-                                eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None,
-                                aggregation=cfg.rl.aggregation, mask=mask)
-  return losses.is_loss(logp, mb["behaviour"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation,
-                        mask=mask)
+  denominator (rejection sampling, losses.aggregate); aux["loss_denominator"] is the one used. `denom`: the
+  whole minibatch's denominator when `mb` is one micro-batch of it (losses.aggregate)."""
+  clip = (dict(eps_low=cfg.rl.clip_low, eps_high=cfg.rl.clip_high, dual_clip=cfg.rl.dual_clip or None)
+          if cfg.rl.loss == "ppo_clip" else {})
+  return losses.SURROGATES[cfg.rl.loss](logp, mb["behaviour"], mb["adv"], mb["weights"], aggregation=cfg.rl.aggregation,
+                                        mask=mb["response_mask"], denom=denom, **clip)
 
 
-def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState,
-                   batch: RolloutBatch, rollout_params, reward_range=(0.0, 1.0)) -> tuple[TrainState, dict]:
+def accumulated_value_and_grad(loss_fn, params, mb, k: int, aggregation: str, grad_shardings=None):
+  """((loss, aux), grads) of `loss_fn(params, mb, denom)` over the rows of `mb`, computed as k sequential
+  micro-batches of B / k rows (a lax.scan: one micro-batch's activations live at a time).
+
+  D = losses.denominator of the WHOLE mb, computed once here; micro-batch j contributes numerator_j / D, so
+  sum_j loss_j and sum_j grad_j are the unsliced loss and gradient (not a mean of per-slice means). The
+  gradients are summed in float32 with the parameters' sharding; clip_frac is re-weighted to the whole mb."""
+  denom = losses.denominator(mb["weights"], aggregation, mask=mb["response_mask"])
+  n_valid = lambda w: jnp.maximum(jnp.sum((w != 0).astype(jnp.float32)), 1.0)  # clip_frac's denominator
+  slices = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), mb)
+
+  def body(acc, sl):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, sl, denom)
+    step = (jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss,
+            aux.get("clip_frac", jnp.float32(0.0)) * n_valid(sl["weights"]))
+    return jax.tree.map(jnp.add, acc, step), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  if grad_shardings is not None:
+    zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+  (grads, loss, clipped), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), jnp.float32(0.0)), slices)
+  return (loss, {"clip_frac": clipped / n_valid(mb["weights"]), "loss_denominator": denom}), grads
+
+
+def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState, batch: RolloutBatch,
+                   rollout_params, reward_range=(0.0, 1.0), grad_shardings=None) -> tuple[TrainState, dict]:
   """The whole update (see module docstring). Pure; `make_learner_step` jits it with shardings.
 
   One epoch and one minibatch (the default): FUSED, a single learner forward gives the per-token
   statistics and the differentiable log-probs; the mask and advantages are computed inside the loss
   from stop-gradient values. Otherwise: a no-grad pass at the pre-update parameters fixes mask,
-  advantages and behaviour log-probs, then epochs x minibatches optimizer steps (lax.scan).
+  advantages and behaviour log-probs, then epochs x minibatches optimizer steps (lax.scan), each one's
+  gradient summed over learner.microbatches slices (> 1 therefore takes this path: the statistics of the
+  whole batch must be fixed before any slice's gradient).
   """
   side, aux_roll = rollout_side(cfg, model_def, rollout_params, batch, backend)
-  fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1
+  fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1 and cfg.learner.microbatches == 1
   if fused:
     def loss_fn(params):
       stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
@@ -282,7 +304,7 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
       data.update(side_rows)
     data = jax.tree.map(lambda x: x.reshape(n_mb, b // n_mb, *x.shape[1:]), data)
     mbs = jax.tree.map(lambda x: jnp.tile(x, (cfg.rl.epochs,) + (1,) * (x.ndim - 1)), data)
-    (params, opt_state), aux = jax.lax.scan(_make_minibatch_update(cfg, model_def, tx, rebuild_side),
+    (params, opt_state), aux = jax.lax.scan(_make_minibatch_update(cfg, model_def, tx, rebuild_side, grad_shardings),
                                             (state.params, state.opt_state), mbs)
     metrics.update(loss=aux["loss"].mean(), grad_norm=aux["grad_norm"].mean(), clip_frac=aux["clip_frac"].mean(),
                    **{k: aux[k].sum() for k in GUARD_KEYS})
@@ -321,8 +343,8 @@ def split_side(side, model_def, rollout_params):
   return {}, lambda mb: None
 
 
-def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
-  def loss_fn(params, mb):
+def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None, grad_shardings=None):
+  def loss_fn(params, mb, denom=None):
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
                               numerics=learner_numerics(cfg), remat=cfg.learner.remat)
@@ -331,11 +353,15 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
                             chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size),
                             remat=cfg.learner.remat != "none", top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             rollout_side=rebuild_side(mb) if rebuild_side is not None else None)
-    return policy_loss(cfg, logp, mb)
+    return policy_loss(cfg, logp, mb, denom)
 
   def update(carry, mb):
     params, opt_state = carry
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+    k = cfg.learner.microbatches
+    if k == 1:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+    else:
+      (loss, aux), grads = accumulated_value_and_grad(loss_fn, params, mb, k, cfg.rl.aggregation, grad_shardings)
     (params, opt_state), guard = guarded_update(tx, params, opt_state, loss, grads,
                                                 nonempty=jnp.any(mb["weights"] > 0))
     return (params, opt_state), {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
@@ -343,38 +369,6 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None):
                                  "loss_denominator": aux["loss_denominator"], **guard}
 
   return update
-
-
-GUARD_KEYS = ("update/skipped", "update/skipped_empty", "update/nonfinite_loss", "update/nonfinite_grad",
-              "update/nonfinite_update")
-
-
-def all_finite(tree) -> jax.Array:
-  """True iff every element of every leaf of `tree` is finite (a scalar bool)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def guarded_update(tx, params, opt_state, loss, grads, nonempty=True):
-  """One optax step that is SKIPPED (params and optimizer state returned unchanged) when the loss, a
-  gradient or the updated parameters are not finite, so one bad batch never turns the parameters NaN.
-
-  Returns ((params, opt_state), flags): update/skipped, update/nonfinite_loss, update/nonfinite_grad,
-  update/nonfinite_update as 0/1 float32. The trainer counts consecutive skips and stops after
-  checkpoint.max_consecutive_skips. `nonempty` False (the mask removed every row or token) also skips the
-  step, logged as update/skipped_empty: a zero gradient would still move AdamW through its momentum."""
-  loss_ok, grad_ok = jnp.all(jnp.isfinite(loss)), all_finite(grads)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  update_ok = all_finite(new_params)  # e.g. an infinite learning rate: finite grads, non-finite step
-  finite = loss_ok & grad_ok & update_ok
-  ok = finite & nonempty
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  bad = lambda b: (~b).astype(jnp.float32)
-  flags = {"update/skipped": bad(finite), "update/skipped_empty": bad(jnp.asarray(nonempty)),
-           "update/nonfinite_loss": bad(loss_ok), "update/nonfinite_grad": bad(grad_ok),
-           "update/nonfinite_update": bad(update_ok)}
-  return (keep(new_params, params), keep(new_opt_state, opt_state)), flags
 
 
 def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_shardings, *, stale: bool,
@@ -394,7 +388,8 @@ def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_sh
     # (models.transformer.constrain_batch_axis) stays off: with it on, the update on an 8-device CPU mesh
     # no longer matched the single-device update (tests/test_learner.py::test_sharded_step_equals_single_device),
     # a wrong number being worse than a large buffer. Open: docs/PERFORMANCE.md, pod memory item 6.
-    return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range))
+    return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range),
+                          grad_shardings=param_shardings)
 
   if stale:
     return jax.jit(fn, in_shardings=(state_sh, None, param_shardings), out_shardings=out_sh, donate_argnums=(0,))

@@ -4,6 +4,11 @@ Per-token terms are multiplied by `weights` [B, T] (masking.Correction.token_wei
 sequence mask M_i and any IS weight already folded in) and reduced by `aggregate`. Every path is
 NaN-free when everything is masked: the loss and its gradient are then exactly 0.
 
+Gradient accumulation (learner.microbatches): a slice of a larger batch passes `denom`, the WHOLE batch's
+denominator (`denominator` on the whole batch); the slice then returns its numerator / denom, so the slices'
+losses and gradients sum to the whole batch's. A per-slice mean instead would weight each slice's rows by
+1 / its own count.
+
 Composition of IS weights and ratios (masking.py's module docstring decides it): the ratio a loss forms is
 against its `behaviour_logp` argument, and the weights carry only what that ratio does not. With
 rl.ratio_base="rollout" the behaviour is pi_roll and the weights are 0/1 masks; with "learner" (decoupled
@@ -24,7 +29,7 @@ AGGREGATIONS = ("seq_total", "token_mean", "seq_mean_token_sum", "seq_mean_token
 
 
 def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
-              mask: Optional[Array] = None) -> Array:
+              mask: Optional[Array] = None, denom: Optional[Array] = None) -> Array:
   """Reduces weighted per-token terms [..., T] to a scalar.
 
   With x = per_token * weights and "valid" = mask > 0 if `mask` is given, else weights != 0:
@@ -42,6 +47,8 @@ def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
     weights: [..., T] token weights.
     mode: one of AGGREGATIONS.
     mask: optional [..., T] defining which tokens / sequences count in the denominators.
+    denom: optional denominator to divide by instead of this batch's own (a slice's share of a larger
+      batch: see the module docstring); the numerator is the same sum as above.
   """
   chex.assert_equal_shape([per_token, weights])
   weights = jnp.asarray(weights, jnp.float32)
@@ -49,6 +56,8 @@ def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
   x = jnp.where(weights != 0, jnp.asarray(per_token, jnp.float32) * weights, 0.0)
   valid = (weights != 0) if mask is None else (jnp.asarray(mask) > 0)
   valid = valid.astype(jnp.float32)
+  if denom is not None:
+    return numerator(x, valid, mode) / denom
   if mode == "seq_total":
     return jnp.sum(x) / max(int(x[..., 0].size), 1)
   if mode == "token_mean":
@@ -60,6 +69,16 @@ def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
     return jnp.sum(jnp.sum(x, axis=-1)) / n_seq
   if mode == "seq_mean_token_mean":
     return jnp.sum(jnp.sum(x, axis=-1) / jnp.maximum(n_tok, 1.0)) / n_seq
+  raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+
+
+def numerator(x: Array, valid: Array, mode: str) -> Array:
+  """What `aggregate` divides by its denominator: sum_{i,t} x, or for seq_mean_token_mean
+  sum_i (sum_t x / valid tokens of row i). Per-row, so it sums over slices of the rows."""
+  if mode == "seq_mean_token_mean":
+    return jnp.sum(jnp.sum(x, axis=-1) / jnp.maximum(jnp.sum(valid, axis=-1), 1.0))
+  if mode in AGGREGATIONS:
+    return jnp.sum(x)
   raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
 
 
@@ -97,7 +116,8 @@ def _ratio_stats(ratio, valid):
 
 def ppo_clip_loss(learner_logp: Array, behaviour_logp: Array, advantages: Array, weights: Array, *,
                   eps_low: float, eps_high: float, dual_clip: Optional[float] = None,
-                  aggregation: str = "seq_total", mask: Optional[Array] = None):
+                  aggregation: str = "seq_total", mask: Optional[Array] = None,
+                  denom: Optional[Array] = None):
   """PPO clipped surrogate with clip-higher and optional dual clip.
 
   r_t = pi_theta / pi_behaviour (behaviour stop-gradient), A = advantages[i] broadcast over t:
@@ -112,7 +132,7 @@ def ppo_clip_loss(learner_logp: Array, behaviour_logp: Array, advantages: Array,
     weights: [B, T] token weights (Correction.token_weight).
     eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high].
     dual_clip: optional c > 1.
-    aggregation, mask: see `aggregate`.
+    aggregation, mask, denom: see `aggregate`.
 
   Returns:
     (loss scalar, aux dict of scalars: clip_frac, dual_clip_frac, ratio_mean, ratio_max, ratio_min).
@@ -135,12 +155,13 @@ def ppo_clip_loss(learner_logp: Array, behaviour_logp: Array, advantages: Array,
     aux["dual_clip_frac"] = jnp.sum(capped * valid) / n
   else:
     aux["dual_clip_frac"] = jnp.zeros((), jnp.float32)
-  aux.update(_ratio_stats(ratio, valid), loss_denominator=denominator(weights, aggregation, mask))
-  return aggregate(pg, weights, aggregation, mask), aux
+  aux.update(_ratio_stats(ratio, valid),
+             loss_denominator=denominator(weights, aggregation, mask) if denom is None else denom)
+  return aggregate(pg, weights, aggregation, mask, denom), aux
 
 
 def is_loss(learner_logp: Array, rollout_logp: Array, advantages: Array, weights: Array,
-            aggregation: str = "seq_total", mask: Optional[Array] = None):
+            aggregation: str = "seq_total", mask: Optional[Array] = None, denom: Optional[Array] = None):
   """Plain IS surrogate of Algorithm 1: -(1/N) sum_i M_i A_i sum_t w_t rho_t,i (paper Sec. 3).
 
   rho_t = exp(log pi_theta - log pi_ref) with the reference log-prob stop-gradient, so the gradient is
@@ -149,7 +170,7 @@ def is_loss(learner_logp: Array, rollout_logp: Array, advantages: Array, weights
 
   Args:
     learner_logp, rollout_logp: [B, T] (rollout_logp: the reference policy's log-probs); advantages: [B];
-    weights: [B, T] (M_i and any IS weight folded in). aggregation, mask: see `aggregate`.
+    weights: [B, T] (M_i and any IS weight folded in). aggregation, mask, denom: see `aggregate`.
 
   Returns:
     (loss scalar, aux dict: ratio_mean, ratio_max, ratio_min, loss_denominator).
@@ -159,11 +180,12 @@ def is_loss(learner_logp: Array, rollout_logp: Array, advantages: Array, weights
   rho = jnp.exp(_log_ratio(learner_logp, rollout_logp, weights))
   adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
   valid = (jnp.asarray(weights) != 0).astype(jnp.float32)
-  aux = dict(_ratio_stats(rho, valid), loss_denominator=denominator(weights, aggregation, mask))
-  return aggregate(-adv * rho, weights, aggregation, mask), aux
+  aux = dict(_ratio_stats(rho, valid),
+             loss_denominator=denominator(weights, aggregation, mask) if denom is None else denom)
+  return aggregate(-adv * rho, weights, aggregation, mask, denom), aux
 
 
 # rl.loss name -> surrogate. Both take (learner_logp, behaviour_logp, advantages, weights, ..., aggregation,
 # mask) and return (loss, aux); ppo_clip also takes eps_low / eps_high / dual_clip (rl.clip_low /
-# rl.clip_high / rl.dual_clip).
+# rl.clip_high / rl.dual_clip); `denom` (optional) is the whole batch's denominator for a slice of it.
 SURROGATES = {"ppo_clip": ppo_clip_loss, "is": is_loss}

@@ -262,8 +262,8 @@ def verdict(report: dict, cfg) -> str:
   parts = {
       "parameters + optimizer state (more chips in mesh.fsdp, or mesh.tensor for heads / mlp / vocab)":
           b["params"] + b["optimizer"] + b["stale_snapshots"],
-      "learner activations / temp (rl.minibatches > 1 with learner.fuse, learner.chunk_size, learner.remat, "
-      "a shorter data.horizon)": lm["temp"],
+      "learner activations / temp (learner.microbatches > 1: the same step in slices; learner.chunk_size, "
+      "learner.remat, a shorter data.horizon)": lm["temp"],
       "KV cache (fewer rl.prompts_per_step * rl.group_size per chip, a shorter data.horizon, or "
       "rollout.backend.precision=bfloat16)": b["kv_cache"],
   }
