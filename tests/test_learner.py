@@ -197,7 +197,7 @@ def test_bf16_learner_runs_close_to_f32(meshes):
   assert abs(m16["mismatch/kl_mean"] - m32["mismatch/kl_mean"]) < 0.5 * m32["mismatch/kl_mean"] + 1e-3
 
 
-# ----------------------------------------------------------------------------- issue 10: semantics
+# ----------------------------------------------------------------------------- semantics
 
 
 # Two updates of one batch, seq_total and token_mean, both with the post-update certificate. Acceptance is by
