@@ -232,6 +232,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         ("rl.loss", LOSSES), ("rl.aggregation", AGGREGATIONS),
                         ("rl.ratio_base", RATIO_BASES), ("rl.group_stats", GROUP_STATS), ("optim.schedule", SCHEDULES)]:
     _one_of(config, path, allowed)
+  _validate_trm(config)
+  _validate_rl(config)
+  _validate_learner_rollout_optim(config)
+  _validate_eval_and_checkpoint(config)
+  # The sub-trees own their own checks (they know their fields best).
+  backend_from_config(config.rollout.backend)
+  # text tasks (dapo_math, aime24, aime25): the data.text fields
+  if tasks.is_text_task(config.data.task):
+    try:
+      tasks.check_text_config(config.data)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from e
+    _check(config.warmstart.steps == 0, "warmstart.steps",
+           f"must be 0 for the text task {config.data.task!r} (zero-RL: it has no supervised targets)")
+  return config
+
+
+def _validate_trm(config):
+  """trm.*: positive thresholds, and an exact divergence only where full distributions exist."""
   _check(config.trm.delta > 0, "trm.delta", f"must be > 0, got {config.trm.delta}")
   _check(config.trm.delta_avg > 0, "trm.delta_avg", f"must be > 0, got {config.trm.delta_avg}")
   _check(config.trm.eps > 0, "trm.eps", f"must be > 0, got {config.trm.eps}")
@@ -246,6 +265,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "'exact'; use source=stored|topk|recompute or an estimator (k1|k2|k3|abs_log|tv_est)")
   _check(list(config.trm.length_buckets) == sorted(config.trm.length_buckets), "trm.length_buckets",
          "must be increasing")
+
+
+def _validate_rl(config):
+  """rl.*: steps, group size (GRPO needs >= 2), clip ranges, and batch divisibility."""
   _check(config.rl.steps >= 0, "rl.steps", f"must be >= 0, got {config.rl.steps}")
   _check(config.rl.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
   _check(config.rl.group_size >= 2, "rl.group_size",
@@ -264,6 +287,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(k >= 1 and batch % k == 0 and (rows == 0 or rows % k == 0), "learner.microbatches",
          f"must be >= 1 and divide rl.prompts_per_step * rl.group_size = {batch}"
          + (f" and its rl.minibatches slices of {rows} rows" if config.rl.minibatches > 1 else "") + f", got {k}")
+
+
+def _validate_learner_rollout_optim(config):
+  """rollout.*, optim.*, warmstart.*, learner.* and the mesh axes."""
   _check(config.rollout.temperature > 0, "rollout.temperature", "must be > 0")
   _check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
   _check(config.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
@@ -282,6 +309,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (auto) or >= 1, got {size}")
   _check([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
          "may auto-fill (-1) at most one axis")
+
+
+def _validate_eval_and_checkpoint(config):
+  """eval.* (k, pass@k, sampling) and checkpoint.*."""
   _check(config.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   _check(config.eval.k >= 1, "eval.k", f"must be >= 1, got {config.eval.k}")
   _check(all(1 <= int(j) <= config.eval.k for j in config.eval.pass_k), "eval.pass_k",
@@ -292,17 +323,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(config.eval.batch_prompts >= 0, "eval.batch_prompts", "must be >= 0 (0 = whole set)")
   _check(config.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
   _check(config.checkpoint.max_consecutive_skips >= 1, "checkpoint.max_consecutive_skips", "must be >= 1")
-  # The sub-trees own their own checks (they know their fields best).
-  backend_from_config(config.rollout.backend)
-  # text tasks (dapo_math, aime24, aime25): the data.text fields
-  if tasks.is_text_task(config.data.task):
-    try:
-      tasks.check_text_config(config.data)
-    except ValueError as e:
-      raise ConfigError(f"config.{e}") from e
-    _check(config.warmstart.steps == 0, "warmstart.steps",
-           f"must be 0 for the text task {config.data.task!r} (zero-RL: it has no supervised targets)")
-  return config
 
 
 def _check_known_keys(config, reference, prefix, root=None):

@@ -54,22 +54,8 @@ def aggregate(per_token: Array, weights: Array, mode: str = "seq_total",
   weights = jnp.asarray(weights, jnp.float32)
   # where, not just a product: a masked position may hold inf/NaN (e.g. padding), and 0 * inf = NaN.
   x = jnp.where(weights != 0, jnp.asarray(per_token, jnp.float32) * weights, 0.0)
-  valid = (weights != 0) if mask is None else (jnp.asarray(mask) > 0)
-  valid = valid.astype(jnp.float32)
-  if denom is not None:
-    return numerator(x, valid, mode) / denom
-  if mode == "seq_total":
-    return jnp.sum(x) / max(int(x[..., 0].size), 1)
-  if mode == "token_mean":
-    return jnp.sum(x) / jnp.maximum(jnp.sum(valid), 1.0)
-  n_tok = jnp.sum(valid, axis=-1)
-  has = (n_tok > 0).astype(jnp.float32)
-  n_seq = jnp.maximum(jnp.sum(has), 1.0)
-  if mode == "seq_mean_token_sum":
-    return jnp.sum(jnp.sum(x, axis=-1)) / n_seq
-  if mode == "seq_mean_token_mean":
-    return jnp.sum(jnp.sum(x, axis=-1) / jnp.maximum(n_tok, 1.0)) / n_seq
-  raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
+  valid = ((weights != 0) if mask is None else (jnp.asarray(mask) > 0)).astype(jnp.float32)
+  return numerator(x, valid, mode) / (denominator(weights, mode, mask) if denom is None else denom)
 
 
 def numerator(x: Array, valid: Array, mode: str) -> Array:

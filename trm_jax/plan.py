@@ -171,58 +171,18 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
   chip = CHIPS[gen]
   devices = topology_devices(topology)
   setup = build.Run(config, devices=devices)
-  engine = build.rollout_engine(setup)
-  cfg, mesh, n = config, setup.mesh, len(devices)
+  mesh, n = setup.mesh, len(devices)
   B, P, T = setup.batch_size, setup.task.prompt_len, setup.task.response_len
-  rep = sharding_lib.replicated(mesh)
-
-  params = jax.tree.map(lambda v, s: v.replace(value=_sds(v.get_value(), s)), setup.abstract_params,
-                        setup.param_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  opt_shardings = sharding_lib.opt_shardings(setup.tx.init, params, mesh)  # as the trainer's init_sharded
-  opt_state = jax.tree.map(_sds, jax.eval_shape(setup.tx.init, params), opt_shardings)
-  state = learner_lib.TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32,
-                                                                                                 sharding=rep))
-  # The rollout sampler (one slice of rollout.microbatches), with the prompts as the pipeline gives them.
-  prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
-  rows = jax.ShapeDtypeStruct((engine.slice_rows, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-  sampler, sampler_error = _compile(engine.program.lower(params, rows, rows, rng))
-  out = jax.eval_shape(engine.generate, params, prompt, prompt, rng)
-  # What the learner receives: the sampler's output layout (batch-sharded where it cannot be read).
-  out = jax.tree.map(_sds, out, sampler.output_shardings if sampler is not None else
-                     jax.tree.map(lambda x: sharding_lib.batch_sharding(mesh, x.ndim) if x.ndim else rep, out))
-  rewards = jax.ShapeDtypeStruct((B,), jnp.float32, sharding=sharding_lib.batch_sharding(mesh, 1))
-  batch = RolloutBatch(prompt=prompt, prompt_mask=prompt, response=out.tokens, response_mask=out.mask,
-                       rollout_logp=out.logp, rewards=rewards, rollout_logits=out.logits,
-                       rollout_topk_logp=out.topk_logp, rollout_topk_ids=out.topk_ids, group_size=cfg.rl.group_size)
+  params, opt_state, opt_shardings, state = _abstract_state(setup)
+  sampler, sampler_error, batch = _compile_sampler(setup, params)
   stale = setup.backend.staleness_k > 0
-  step = learner_lib.make_learner_step(cfg, setup.model_def, setup.tx, setup.backend, mesh, setup.param_shardings,
+  step = learner_lib.make_learner_step(config, setup.model_def, setup.tx, setup.backend, mesh, setup.param_shardings,
                                        opt_shardings, stale=stale, reward_range=setup.task.reward_range)
   learner, learner_error = _compile(step.lower(state, batch, *((params,) if stale else ())))
-
-  mc = setup.model_cfg
-  act = jnp.dtype(setup.backend.numerics.act)
-  kv_full = 2 * mc.n_layers * B * (P + T) * mc.n_kv_heads * mc.head_dim * act.itemsize
-  kv_div = sharding_lib.batch_divisor(mesh) * (mesh.shape["tensor"] if mc.n_kv_heads % mesh.shape["tensor"] == 0
-                                               else 1)
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  # Analytic FLOPs (dense): XLA's cost analysis counts a while loop's body once, and both the layer scan
-  # and the decode loop are while loops. Matmul params exclude the embedding gather (unless tied).
-  matmul = n_params - (0 if mc.tie_embeddings else mc.vocab_size * mc.d_model)
-  attn = lambda ctx: 4 * mc.n_layers * mc.n_heads * mc.head_dim * ctx  # QK^T and PV per token
-  tp, rows = mesh.shape["tensor"], B / sharding_lib.batch_divisor(mesh)
-  kv_chip = kv_full / kv_div
-  # Sampler: prefill P tokens per row, then T decode steps; each decode step reads the (gathered) weights
-  # of this chip's tensor shard and on average a (P + T/2)-filled KV cache.
-  sampler_cost = {"flops": rows * (P * (2 * matmul + attn(P / 2)) + T * (2 * matmul + attn(P + T / 2))) / tp,
-                  "bytes": T * (matmul * act.itemsize / tp + kv_chip * (P + T / 2) / (P + T))}
-  # Learner: forward + backward (3 forwards) over B x (P + T) tokens, +1 forward recomputed under remat,
-  # +1 forward of the rollout numerics when trm.source = recompute.
-  passes = 3 + (cfg.learner.remat != "none") + (cfg.trm.source == "recompute")
-  learner_flops = passes * rows * (P + T) * (2 * matmul + attn((P + T) / 2)) / tp
+  kv_chip, sampler_cost, learner_flops = _analytic_costs(setup, params)
   report = {
       "topology": topology, "chip": chip.name, "chips": n, "mesh": dict(mesh.shape), "batch": [B, P, T],
-      "params": n_params, "hbm_per_chip": chip.hbm_bytes,
+      "params": sum(math.prod(x.shape) for x in jax.tree.leaves(params)), "hbm_per_chip": chip.hbm_bytes,
       "bytes_per_chip": {"params": _tree_chip_bytes(params), "optimizer": _tree_chip_bytes(opt_state),
                          "batch": _tree_chip_bytes(batch), "kv_cache": int(kv_chip),
                          "stale_snapshots": _tree_chip_bytes(params) * (1 if stale else 0)},
@@ -244,8 +204,70 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
   report["step_s"] = report["learner"]["roofline_s"] + report["sampler"]["roofline_s"]
   report["replicated"] = replicated_arrays({"params": params, "opt_state": opt_state, "batch": batch}, n,
                                            replicated_threshold)
-  report["verdict"] = verdict(report, cfg)
+  report["verdict"] = verdict(report, config)
   return report
+
+
+def _abstract_state(setup):
+  """Abstract (ShapeDtypeStruct) params, optimizer state and TrainState, laid out as the trainer's init."""
+  mesh = setup.mesh
+  params = jax.tree.map(lambda v, s: v.replace(value=_sds(v.get_value(), s)), setup.abstract_params,
+                        setup.param_shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  opt_shardings = sharding_lib.opt_shardings(setup.tx.init, params, mesh)  # as the trainer's init_sharded
+  opt_state = jax.tree.map(_sds, jax.eval_shape(setup.tx.init, params), opt_shardings)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.replicated(mesh))
+  return params, opt_state, opt_shardings, learner_lib.TrainState(params=params, opt_state=opt_state, step=step)
+
+
+def _compile_sampler(setup, params):
+  """Compiles one rollout.microbatches slice of the sampler; returns it, its error and the learner's batch.
+
+  The batch is what the learner receives: the sampler's output layout (batch-sharded where it cannot be read).
+  """
+  mesh, engine = setup.mesh, build.rollout_engine(setup)
+  B, P = setup.batch_size, setup.task.prompt_len
+  rep = sharding_lib.replicated(mesh)
+  prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
+  rows = jax.ShapeDtypeStruct((engine.slice_rows, P), jnp.int32, sharding=sharding_lib.batch_sharding(mesh, 2))
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+  sampler, sampler_error = _compile(engine.program.lower(params, rows, rows, rng))
+  out = jax.eval_shape(engine.generate, params, prompt, prompt, rng)
+  out = jax.tree.map(_sds, out, sampler.output_shardings if sampler is not None else
+                     jax.tree.map(lambda x: sharding_lib.batch_sharding(mesh, x.ndim) if x.ndim else rep, out))
+  rewards = jax.ShapeDtypeStruct((B,), jnp.float32, sharding=sharding_lib.batch_sharding(mesh, 1))
+  batch = RolloutBatch(prompt=prompt, prompt_mask=prompt, response=out.tokens, response_mask=out.mask,
+                       rollout_logp=out.logp, rewards=rewards, rollout_logits=out.logits,
+                       rollout_topk_logp=out.topk_logp, rollout_topk_ids=out.topk_ids,
+                       group_size=setup.config.rl.group_size)
+  return sampler, sampler_error, batch
+
+
+def _analytic_costs(setup, params):
+  """(KV-cache bytes per chip, sampler {flops, bytes}, learner FLOPs) per chip, dense analytic counts.
+
+  XLA's cost analysis counts a while loop's body once, and both the layer scan and the decode loop are
+  while loops, so FLOPs are counted by hand. Matmul params exclude the embedding gather (unless tied).
+  """
+  mesh, mc, cfg = setup.mesh, setup.model_cfg, setup.config
+  B, P, T = setup.batch_size, setup.task.prompt_len, setup.task.response_len
+  act = jnp.dtype(setup.backend.numerics.act)
+  kv_full = 2 * mc.n_layers * B * (P + T) * mc.n_kv_heads * mc.head_dim * act.itemsize
+  kv_div = sharding_lib.batch_divisor(mesh) * (mesh.shape["tensor"] if mc.n_kv_heads % mesh.shape["tensor"] == 0
+                                               else 1)
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  matmul = n_params - (0 if mc.tie_embeddings else mc.vocab_size * mc.d_model)
+  attn = lambda ctx: 4 * mc.n_layers * mc.n_heads * mc.head_dim * ctx  # QK^T and PV per token
+  tp, rows = mesh.shape["tensor"], B / sharding_lib.batch_divisor(mesh)
+  kv_chip = kv_full / kv_div
+  # Sampler: prefill P tokens per row, then T decode steps; each decode step reads the (gathered) weights
+  # of this chip's tensor shard and on average a (P + T/2)-filled KV cache.
+  sampler_cost = {"flops": rows * (P * (2 * matmul + attn(P / 2)) + T * (2 * matmul + attn(P + T / 2))) / tp,
+                  "bytes": T * (matmul * act.itemsize / tp + kv_chip * (P + T / 2) / (P + T))}
+  # Learner: forward + backward (3 forwards) over B x (P + T) tokens, +1 forward recomputed under remat,
+  # +1 forward of the rollout numerics when trm.source = recompute.
+  passes = 3 + (cfg.learner.remat != "none") + (cfg.trm.source == "recompute")
+  learner_flops = passes * rows * (P + T) * (2 * matmul + attn((P + T) / 2)) / tp
+  return kv_chip, sampler_cost, learner_flops
 
 
 def verdict(report: dict, cfg) -> str:

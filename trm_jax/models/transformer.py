@@ -159,54 +159,11 @@ class Transformer(nnx.Module):
     valid = valid.astype(bool)
     key_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
     index = None if cache is None else cache.index
-    attn_def = nnx.graphdef(self.layers)
-    mlp_def = None if self.mlp is None else nnx.graphdef(self.mlp)
-    moe_def = None if self.moe is None else nnx.graphdef(self.moe)
-    mlp_stack = None if self.mlp is None else nnx.state(self.mlp)
-    moe_stack = None if self.moe is None else nnx.state(self.moe)
-    k_routes = c.experts_top_k if self.moe is not None else 0
-
-    def dense(h, p):
-      return nnx.merge(mlp_def, p)(h, numerics), jnp.zeros(h.shape[:2] + (k_routes,), jnp.int32)
-
-    def moe(h, p, i):
-      return nnx.merge(moe_def, p)(h, numerics, layer=i, positions=positions, tokens=tokens)
-
-    def body(carry, xs):
-      x, ck, cv = carry
-      x = constrain_batch_axis(x)
-      i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
-      kv = None if ck is None else (ck[i], cv[i])
-      a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index)
-      if ck is not None:  # write only the new tokens' slots (in place inside the scan)
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
-      x = x + a
-      h = lyr.mlp_norm(x, numerics)
-      if "mlp" in xs:
-        m, routes = dense(h, xs["mlp"])
-      elif "moe" in xs:
-        m, routes = moe(h, xs["moe"], i)
-      else:  # irregular MoE layout: index each stack by the layer's row
-        take = lambda stack: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, xs["row"], keepdims=False), stack)
-        if isinstance(xs["is_moe"], np.bool_):  # unrolled: the branch is known at trace time
-          m, routes = moe(h, take(moe_stack), i) if xs["is_moe"] else dense(h, take(mlp_stack))
-        else:
-          m, routes = jax.lax.cond(xs["is_moe"], lambda h: moe(h, take(moe_stack), i),
-                                   lambda h: dense(h, take(mlp_stack)), h)
-      return (constrain_batch_axis(x + m), ck, cv), routes
-
+    body = self._layer_body(numerics, tokens, positions, key_valid, index)
     if remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not c.scan_layers)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
-    if c.scan_layers:
-      (x, ck, cv), routes = jax.lax.scan(body, carry, self._layer_inputs(static=False))
-    else:
-      xs, outs = self._layer_inputs(static=True), []
-      for i in range(c.n_layers):
-        carry, r = body(carry, jax.tree.map(lambda a: a[i], xs))
-        outs.append(r)
-      (x, ck, cv), routes = carry, jnp.stack(outs)
+    (x, ck, cv), routes = self._run_layers(body, carry)
     h = self.final_norm(x, numerics)
     if cache is not None:
       cache = KVCache(k=ck, v=cv, valid=key_valid, index=cache.index + tokens.shape[1])
@@ -214,6 +171,63 @@ class Transformer(nnx.Module):
     if self.moe is not None:
       aux["routes"] = routes if self.mlp is None else routes[np.array(c.moe_layers)]
     return h, cache, aux
+
+  def _run_layers(self, body, carry):
+    """Applies `body` over the layers: one `lax.scan` (scan_layers) or an unrolled Python loop."""
+    if self.cfg.scan_layers:
+      return jax.lax.scan(body, carry, self._layer_inputs(static=False))
+    xs, outs = self._layer_inputs(static=True), []
+    for i in range(self.cfg.n_layers):
+      carry, r = body(carry, jax.tree.map(lambda a: a[i], xs))
+      outs.append(r)
+    return carry, jnp.stack(outs)
+
+  def _layer_body(self, numerics, tokens, positions, key_valid, index):
+    """The scan body of one layer: (x, cache_k, cache_v), layer inputs -> new carry, MoE routes.
+
+    Pre-norm residual block x += attn(norm(x)); x += mlp_or_moe(norm(x)). The KV cache (if any) gets
+    only the new tokens' slots, written in place inside the scan.
+    """
+    attn_def = nnx.graphdef(self.layers)
+    mlp_def = None if self.mlp is None else nnx.graphdef(self.mlp)
+    moe_def = None if self.moe is None else nnx.graphdef(self.moe)
+    mlp_stack = None if self.mlp is None else nnx.state(self.mlp)
+    moe_stack = None if self.moe is None else nnx.state(self.moe)
+    k_routes = self.cfg.experts_top_k if self.moe is not None else 0
+
+    def dense(h, p):
+      return nnx.merge(mlp_def, p)(h, numerics), jnp.zeros(h.shape[:2] + (k_routes,), jnp.int32)
+
+    def moe(h, p, i):
+      return nnx.merge(moe_def, p)(h, numerics, layer=i, positions=positions, tokens=tokens)
+
+    def mixer(h, xs, i):
+      if "mlp" in xs:
+        return dense(h, xs["mlp"])
+      if "moe" in xs:
+        return moe(h, xs["moe"], i)
+      # irregular MoE layout: index each stack by the layer's row
+      take = lambda stack: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, xs["row"], keepdims=False), stack)
+      if isinstance(xs["is_moe"], np.bool_):  # unrolled: the branch is known at trace time
+        return moe(h, take(moe_stack), i) if xs["is_moe"] else dense(h, take(mlp_stack))
+      return jax.lax.cond(xs["is_moe"], lambda h: moe(h, take(moe_stack), i),
+                          lambda h: dense(h, take(mlp_stack)), h)
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      x = constrain_batch_axis(x)
+      i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
+      kv = None if ck is None else (ck[i], cv[i])
+      a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index)
+      if ck is not None:
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
+      x = x + a
+      m, routes = mixer(lyr.mlp_norm(x, numerics), xs, i)
+      return (constrain_batch_axis(x + m), ck, cv), routes
+
+    return body
+
   def unembed(self, h, *, numerics: Numerics = LEARNER) -> jax.Array:
     """Logits [..., V] float32 from hidden states [..., D].
 

@@ -123,66 +123,80 @@ def _broadcast_cache(model, cache, group_size: int, n_prompts: int, max_len: int
 def _sample_impl(graphdef, params, prompt, prompt_mask, rng, stop_ids, pad_id, *, max_new_tokens,
                  temperature, top_p, top_k, numerics, kernel, return_logits, topk, group_size, loop):
   model = nnx.merge(graphdef, params)
-  B, P = prompt.shape
-  T = max_new_tokens
+  P, T = prompt.shape[1], max_new_tokens
   if P + T > model.cfg.max_len:
     raise ValueError(f"prompt length {P} + max_new_tokens {T} exceeds model.max_len {model.cfg.max_len}")
   choose = functools.partial(_choose, rng=rng, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
                              top_p=top_p, top_k=top_k, return_logits=return_logits, topk=topk)
-  n_valid = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-  done0 = jnp.zeros((B,), bool)
-  moe = model.cfg.n_moe_layers > 0
-
-  if kernel == "cached":
-    # The cache is created inside this program, so the loop carry updates it in place: no copies,
-    # nothing to donate across the jit boundary. A group's rows share one prefill (same prompt).
-    n = B // group_size
-    first = lambda x: x[::group_size] if group_size > 1 else x
-    cache = model.init_cache(n, P + T, numerics)
-    h, cache, _ = model.hidden(first(prompt), positions_from_valid(first(prompt_mask)), first(prompt_mask),
-                               numerics=numerics, cache=cache)
-    logits0 = model.unembed(h[:, -1], numerics=numerics)
-    if group_size > 1:
-      cache = _broadcast_cache(model, cache, group_size, n, P + T, numerics)
-      logits0 = jnp.repeat(logits0, group_size, axis=0)
-
-    def step(carry, t):
-      cache, logits, done = carry
-      out, done = choose(logits, t, done)
-      # Feed the new token; the routes of this forward are the response token's expert choices.
-      h, cache, aux = model.hidden(out["tokens"][:, None], (n_valid + t)[:, None], jnp.ones((B, 1), bool),
-                                   numerics=numerics, cache=cache)
-      if moe:
-        out["routes"] = aux["routes"][:, :, 0]
-      return (cache, model.unembed(h[:, 0], numerics=numerics), done), out
-
-    outs, done = _decode(step, (cache, logits0, done0), lambda c: c[2], T, loop, pad_id)
-    routes = jnp.moveaxis(outs.pop("routes"), 0, 2) if moe else None
-  else:
-    buf0 = jnp.concatenate([prompt, jnp.full((B, T), pad_id, jnp.int32)], axis=1)
-    resp_slot = jnp.arange(T)[None, :]
-
-    def step(carry, t):
-      buf, done = carry
-      valid = jnp.concatenate([prompt_mask, jnp.broadcast_to(resp_slot < t, (B, T))], axis=1)
-      h, _, _ = model.hidden(buf, positions_from_valid(valid), valid, numerics=numerics)
-      logits = model.unembed(jax.lax.dynamic_index_in_dim(h, P - 1 + t, axis=1, keepdims=False),
-                             numerics=numerics)
-      out, done = choose(logits, t, done)
-      buf = jax.lax.dynamic_update_slice(buf, out["tokens"][:, None], (0, P + t))
-      return (buf, done), out
-
-    outs, done = _decode(step, (buf0, done0), lambda c: c[1], T, loop, pad_id)
-    routes = None
-    if moe:
-      response = jnp.moveaxis(outs["tokens"], 0, 1)
-      _, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, response), numerics=numerics)
-      routes = aux["routes"][:, :, P:]
-
+  decode = _decode_cached if kernel == "cached" else _decode_full
+  outs, done, routes = decode(model, prompt, prompt_mask, choose, T=T, numerics=numerics, group_size=group_size,
+                              loop=loop, pad_id=pad_id)
   bt = lambda x: None if x is None else jnp.moveaxis(x, 0, 1)  # [T,B,...] -> [B,T,...]
   return SampleOutput(tokens=bt(outs["tokens"]), mask=bt(outs["mask"]), logp=bt(outs["logp"]),
                       logits=bt(outs.get("logits")), topk_logp=bt(outs.get("topk_logp")),
                       topk_ids=bt(outs.get("topk_ids")), routes=routes, clipped=~done)
+
+
+def _decode_cached(model, prompt, prompt_mask, choose, *, T, numerics, group_size, loop, pad_id):
+  """KV-cached decoding: one prefill per group (its rows share the prompt), then T one-token forwards.
+
+  The cache is created inside this program, so the loop carry updates it in place: no copies, nothing
+  to donate across the jit boundary. Returns (per-step outputs [T,B,...], done [B], routes or None).
+  """
+  (B, P), moe = prompt.shape, model.cfg.n_moe_layers > 0
+  n_valid = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+  n = B // group_size
+  first = lambda x: x[::group_size] if group_size > 1 else x
+  cache = model.init_cache(n, P + T, numerics)
+  h, cache, _ = model.hidden(first(prompt), positions_from_valid(first(prompt_mask)), first(prompt_mask),
+                             numerics=numerics, cache=cache)
+  logits0 = model.unembed(h[:, -1], numerics=numerics)
+  if group_size > 1:
+    cache = _broadcast_cache(model, cache, group_size, n, P + T, numerics)
+    logits0 = jnp.repeat(logits0, group_size, axis=0)
+
+  def step(carry, t):
+    cache, logits, done = carry
+    out, done = choose(logits, t, done)
+    # Feed the new token; the routes of this forward are the response token's expert choices.
+    h, cache, aux = model.hidden(out["tokens"][:, None], (n_valid + t)[:, None], jnp.ones((B, 1), bool),
+                                 numerics=numerics, cache=cache)
+    if moe:
+      out["routes"] = aux["routes"][:, :, 0]
+    return (cache, model.unembed(h[:, 0], numerics=numerics), done), out
+
+  outs, done = _decode(step, (cache, logits0, jnp.zeros((B,), bool)), lambda c: c[2], T, loop, pad_id)
+  routes = jnp.moveaxis(outs.pop("routes"), 0, 2) if moe else None  # [n_moe, B, T, top_k]
+  return outs, done, routes
+
+
+def _decode_full(model, prompt, prompt_mask, choose, *, T, numerics, group_size, loop, pad_id):
+  """Reference decoding without a cache: each step re-runs the whole [B, P+T] buffer (O(T^2) work).
+
+  Same outputs as `_decode_cached` (the test of the cache); MoE routes come from one final forward.
+  """
+  del group_size  # every row runs its own forward here
+  B, P = prompt.shape
+  buf0 = jnp.concatenate([prompt, jnp.full((B, T), pad_id, jnp.int32)], axis=1)
+  resp_slot = jnp.arange(T)[None, :]
+
+  def step(carry, t):
+    buf, done = carry
+    valid = jnp.concatenate([prompt_mask, jnp.broadcast_to(resp_slot < t, (B, T))], axis=1)
+    h, _, _ = model.hidden(buf, positions_from_valid(valid), valid, numerics=numerics)
+    logits = model.unembed(jax.lax.dynamic_index_in_dim(h, P - 1 + t, axis=1, keepdims=False),
+                           numerics=numerics)
+    out, done = choose(logits, t, done)
+    buf = jax.lax.dynamic_update_slice(buf, out["tokens"][:, None], (0, P + t))
+    return (buf, done), out
+
+  outs, done = _decode(step, (buf0, jnp.zeros((B,), bool)), lambda c: c[1], T, loop, pad_id)
+  routes = None
+  if model.cfg.n_moe_layers > 0:
+    response = jnp.moveaxis(outs["tokens"], 0, 1)
+    _, _, aux = model.hidden(*sequence_inputs(prompt, prompt_mask, response), numerics=numerics)
+    routes = aux["routes"][:, :, P:]
+  return outs, done, routes
 
 
 _sample_jit = jax.jit(
