@@ -384,12 +384,12 @@ def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_sh
   out_sh = (state_sh, sharding_lib.replicated(mesh))
   # The batch arrives already sharded on its batch axis (sharding.shard_batch); None keeps that.
   def fn(*args):
-    # Not traced under `use_abstract_mesh`, so the layer scan's batch constraint
-    # (models.transformer.constrain_batch_axis) stays off: with it on, the update on an 8-device CPU mesh
-    # no longer matched the single-device update (tests/test_learner.py::test_sharded_step_equals_single_device),
-    # a wrong number being worse than a large buffer. Open: docs/PERFORMANCE.md, pod memory item 6.
-    return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range),
-                          grad_shardings=param_shardings)
+    # Traced under the mesh, so the layer scan's hidden state and remat residuals are batch-sharded over
+    # data x fsdp and D over tensor (models.transformer.constrain_batch_axis), each layer's weights gathered
+    # over fsdp before use (models.transformer.gather_fsdp: the workaround for an XLA partitioner bug).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range),
+                            grad_shardings=param_shardings)
 
   if stale:
     return jax.jit(fn, in_shardings=(state_sh, None, param_shardings), out_shardings=out_sh, donate_argnums=(0,))

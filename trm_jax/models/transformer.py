@@ -67,7 +67,8 @@ class Layers(nnx.Module):
 def constrain_batch_axis(x: jax.Array) -> jax.Array:
   """Shards the layer scan's hidden state [B,S,D]: B over ("data", "fsdp"), D over "tensor" (each only
   where it divides), when traced under a mesh context (`jax.sharding.use_abstract_mesh`); a no-op without
-  one. The learner does not switch it on yet (see learner.make_learner_step: results changed on a CPU mesh).
+  one. The learner's update is traced under its mesh (learner.make_learner_step), so it is on there; the
+  layer weights are then gathered over fsdp first (`gather_fsdp`, an XLA workaround).
 
   Why: XLA propagated the weights' fsdp sharding of "embed" onto the hidden state, so the remat
   residuals [L,B,S,D] were sharded on D over fsdp only, with B whole and no split over tensor
@@ -82,6 +83,42 @@ def constrain_batch_axis(x: jax.Array) -> jax.Array:
   if x.ndim >= 2 and fits(x.shape[-1], ("tensor",)):
     spec[-1] = "tensor"
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def gather_fsdp(state):
+  """One layer's weights with their "fsdp" split gathered (FSDP's all-gather before use), under a mesh
+  context; a no-op without one. Tensor splits stay.
+
+  Why: with the hidden state constrained to batch over ("data", "fsdp") and D over "tensor"
+  (`constrain_batch_axis`), XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD alike) miscompiles a
+  contraction over a tensor-sharded dim whose weight keeps D over "fsdp", on the mesh data=2 x fsdp=2 x
+  tensor=2: it collective-permutes the batch shards of devices (data 0, fsdp 1) and (data 1, fsdp 0) to
+  line them up with the weight's fsdp tiling and never permutes the result back, so those rows get each
+  other's outputs. Ten-line reproduction: experiments/benchmarks/sharding_repro.py. Gathering the weight
+  first leaves nothing to line up.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+    return state
+
+  def drop_fsdp(axes):
+    if isinstance(axes, tuple):
+      axes = tuple(a for a in axes if a != "fsdp")
+      return axes or None
+    return None if axes == "fsdp" else axes
+
+  def one(v):
+    if not isinstance(v, nnx.Variable) or not v.get_metadata().get("out_sharding"):
+      return v
+    names, value = v.get_metadata()["out_sharding"], v.get_value()
+    names = tuple(names)[len(names) - value.ndim:]  # a scanned stack's slice lost its leading "layers"
+    spec = [drop_fsdp(sharding_lib.LOGICAL_RULES.get(n)) if n else None for n in names]
+    fits = lambda dim, axes: axes is None or dim % math.prod(
+        mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))) == 0
+    spec = [a if fits(d, a) else None for d, a in zip(value.shape, spec)]
+    return v.replace(value=jax.lax.with_sharding_constraint(value, P(*spec)))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def logit_noise_matrix(d_model: int, vocab_size: int, df: float) -> jax.Array:
@@ -216,6 +253,7 @@ class Transformer(nnx.Module):
     def body(carry, xs):
       x, ck, cv = carry
       x = constrain_batch_axis(x)
+      xs = gather_fsdp(xs)
       i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
       kv = None if ck is None else (ck[i], cv[i])
       a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index)
