@@ -75,3 +75,35 @@ def test_optimizer_state_is_sharded_like_the_parameters():
   assert wq and all(p.addressable_shards[0].data.size * 8 <= p.size * 2 for p in wq)  # really sharded
   assert adam.count.sharding.is_fully_replicated and len(adam.count.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(adam.mu)[0]), 0.0)
+
+
+@pytest.mark.parametrize("kind,mesh_shape,group_size", [("dense", (2, 2, 2), 1), ("dense", (2, 2, 2), 2),
+                                                        ("dense", (8, 1, 1), 2), ("dense", (1, 4, 2), 1),
+                                                        ("moe", (2, 2, 2), 2)])
+def test_engine_constrained_sampler_equals_single_device(prompts, kind, mesh_shape, group_size):
+  """The rollout engine traces the sampler under its mesh (KV cache and hidden states batch-sharded, KV heads
+  and D over tensor): same tokens, masks, log-probs and routes as one device. d_model 64, where XLA's
+  partitioner swaps rows 2-3 and 4-5 on data=2 x fsdp=2 x tensor=2 unless the layer weights are gathered over
+  fsdp first (catches: models.transformer.gather_fsdp removed)."""
+  from trm_jax.rollout.engine import RolloutEngine, SamplingSettings
+  graphdef, params = tiny_models.build(kind, vocab=V, max_len=32, seed=1, d_model=64, head_dim=16, d_ff=128)
+  prompt, prompt_mask = prompts
+  if group_size > 1:  # G consecutive rows hold the same prompt
+    prompt, prompt_mask = np.repeat(prompt[::group_size], group_size, 0), np.repeat(prompt_mask[::group_size], group_size, 0)
+  settings = SamplingSettings(max_new_tokens=T, temperature=1.0, top_p=0.9, top_k=0, numerics=Numerics(),
+                              kernel="cached", group_size=group_size, topk=2)
+  outs = []
+  for mesh in (sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]),
+               sharding_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))):
+    engine = RolloutEngine(graphdef, settings, stop_ids=(1,), pad_id=0, mesh=mesh, batch_size=B)
+    batch = sharding_lib.shard_batch({"p": prompt, "m": prompt_mask}, mesh)
+    p = jax.device_put(params, sharding_lib.state_shardings(params, mesh))
+    outs.append(jax.device_get(engine.generate(p, batch["p"], batch["m"], jax.random.key(5))))
+  one, eight = outs
+  assert np.asarray(one.mask).sum() > B  # responses of more than one token: the decode loop ran
+  np.testing.assert_array_equal(one.tokens, eight.tokens)
+  np.testing.assert_array_equal(one.mask, eight.mask)
+  np.testing.assert_allclose(one.logp, eight.logp, atol=1e-5)
+  np.testing.assert_allclose(one.topk_logp, eight.topk_logp, atol=1e-5)
+  if kind == "moe":
+    np.testing.assert_array_equal(one.routes, eight.routes)

@@ -85,6 +85,19 @@ def constrain_batch_axis(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
+def constrain_kv(x: jax.Array) -> jax.Array:
+  """Shards a KV-cache array [n_layers, B, S, n_kv_heads, head_dim]: B over ("data", "fsdp"), KV heads over
+  "tensor" (each where it divides), under a mesh context; a no-op without one. Without it XLA kept the
+  group-broadcast cache's B whole (850 GB per chip planned for the 8B pod run)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding_lib.BATCH + ("tensor",)) <= set(mesh.axis_names):
+    return x
+  fits = lambda dim, axes: dim % math.prod(mesh.shape[a] for a in axes) == 0
+  spec = (None, sharding_lib.BATCH if fits(x.shape[1], sharding_lib.BATCH) else None, None,
+          "tensor" if fits(x.shape[3], ("tensor",)) else None, None)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def gather_fsdp(state):
   """One layer's weights with their "fsdp" split gathered (FSDP's all-gather before use), under a mesh
   context; a no-op without one. Tensor splits stay.
@@ -155,7 +168,7 @@ class Transformer(nnx.Module):
     """An empty KV cache with `max_len` slots, stored in the activation dtype of `numerics`."""
     c = self.cfg
     shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
-    return KVCache(k=jnp.zeros(shape, numerics.act), v=jnp.zeros(shape, numerics.act),
+    return KVCache(k=constrain_kv(jnp.zeros(shape, numerics.act)), v=constrain_kv(jnp.zeros(shape, numerics.act)),
                    valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
   def _layer_inputs(self, static: bool):

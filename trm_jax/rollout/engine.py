@@ -82,6 +82,12 @@ class RolloutEngine:
     s, rows = settings, self.slice_rows
 
     def one_slice(params, prompt, prompt_mask, rng):
+      # Traced under the mesh: the KV cache (and its group broadcast) is batch-sharded over data x fsdp with KV
+      # heads over tensor, the hidden states as in the learner (models.transformer.constrain_*).
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return _sample_slice(params, prompt, prompt_mask, rng)
+
+    def _sample_slice(params, prompt, prompt_mask, rng):
       out = sampler_lib.sample(graphdef, params, prompt, prompt_mask, rng, max_new_tokens=s.max_new_tokens,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=self.stop_ids,
                                pad_id=self.pad_id, numerics=s.numerics, kernel=s.kernel,

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx, struct
 
 from trm_jax.models import LEARNER, Numerics
-from trm_jax.models.transformer import positions_from_valid, sequence_inputs
+from trm_jax.models.transformer import constrain_kv, positions_from_valid, sequence_inputs
 from trm_jax.rollout.sampling import check_sampling_args, processed_logprobs
 
 KERNELS = ("cached", "full")
@@ -153,6 +153,7 @@ def _decode_cached(model, prompt, prompt_mask, choose, *, T, numerics, group_siz
   logits0 = model.unembed(h[:, -1], numerics=numerics)
   if group_size > 1:
     cache = _broadcast_cache(model, cache, group_size, n, P + T, numerics)
+    cache = cache.replace(k=constrain_kv(cache.k), v=constrain_kv(cache.v))
     logits0 = jnp.repeat(logits0, group_size, axis=0)
 
   def step(carry, t):
