@@ -8,8 +8,9 @@ libtpu (`pip install "jax[tpu]"`) compiles for real TPU chips on a CPU-only mach
 compiles exactly the trainer's programs (the rollout engine's sampler program, `learner.make_learner_step`,
 the optimizer's init, all from `build.Run`) on the config's mesh over the topology's chips, and prints per chip: parameter,
 optimizer, batch, activation / temp and KV-cache bytes against the chip's HBM, the FLOPs of
-one step, a roofline step time (FLOPs / peak bf16 FLOP/s, and for the memory-bound
-decode bytes / HBM bandwidth; ICI traffic is not modelled), any large array left replicated, and a
+one step, the bytes each collective moves per chip (summed from the compiled HLO, loop bodies times their
+trip count: trm_jax.hlo_stats), a roofline step time (per program the largest of FLOPs / peak bf16
+FLOP/s, decode bytes / HBM bandwidth and collective bytes / ICI bandwidth), any large array left replicated, and a
 verdict ("fits" or "does not fit: reduce X"). XLA's cost analysis counts a while loop's body once, and
 the layer scan, the chunked log-prob pass and the decode loop are while loops, so the FLOPs used are an
 analytic dense-transformer count (XLA's figure is printed next to it).
@@ -28,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp
 from flax import nnx
 
-from trm_jax import build
+from trm_jax import build, hlo_stats
 from trm_jax import config as config_lib
 from trm_jax import learner as learner_lib
 from trm_jax import sharding as sharding_lib
@@ -44,14 +45,16 @@ class Chip:
   peak_flops: float  # bf16 dense matmul FLOP/s per chip
   hbm_bw: float  # bytes/s per chip
   chip_config: str  # libtpu's chip_config_name: one JAX device per chip
+  ici_bw: float = 0.0  # inter-chip interconnect bytes/s per chip (all links together)
 
 
 # Public per-chip figures (cloud.google.com/tpu/docs/system-architecture-tpu-vm and the v5e/v5p/v6e pages).
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12, "megacore"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.819e12, "default"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.765e12, "default"),
-    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1.64e12, "default"),
+    # ICI: 2400 / 1600 / 4800 / 3584 Gbit/s per chip.
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1.2e12, "megacore", 300e9),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 0.819e12, "default", 200e9),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2.765e12, "default", 600e9),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1.64e12, "default", 448e9),
 }
 USABLE_HBM = 0.95  # XLA and the runtime keep some HBM for themselves
 # Compile a program that does not fit anyway, so its memory analysis says by how much.
@@ -120,16 +123,6 @@ def replicated_arrays(named: dict, n_devices: int, threshold: int) -> list[tuple
   return sorted(out, key=lambda r: -r[3])
 
 
-def _largest_buffers(hlo_text: str, k: int = 5) -> list[tuple[int, str]]:
-  """The k largest array shapes in an optimized (per-device) HLO module: its big temporaries."""
-  sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
-  seen = {}
-  for dt, dims in re.findall(r"\b(f32|bf16|f16|s32|u32|pred|s8|u8|f64|s64)\[([\d,]+)\]", hlo_text):
-    shape = f"{dt}[{dims}]"
-    seen[shape] = math.prod(int(d) for d in dims.split(",")) * sizes[dt]
-  return sorted(((b, s) for s, b in seen.items()), reverse=True)[:k]
-
-
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -187,10 +180,10 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
                          "batch": _tree_chip_bytes(batch), "kv_cache": int(kv_chip),
                          "stale_snapshots": _tree_chip_bytes(params) * (1 if stale else 0)},
       "learner": {"memory": _memory(learner), "cost": _cost(learner), "error": learner_error,
-                  "largest": _largest_buffers(learner.as_text()) if learner is not None else []},
+                  "largest": hlo_stats.largest_buffers(learner.as_text()) if learner is not None else []},
       "sampler": {"memory": _memory(sampler), "cost_xla_loop_body_once": _cost(sampler), "cost": sampler_cost,
                   "error": sampler_error,
-                  "largest": _largest_buffers(sampler.as_text()) if sampler is not None else []},
+                  "largest": hlo_stats.largest_buffers(sampler.as_text()) if sampler is not None else []},
   }
   b = report["bytes_per_chip"]
   # The run holds the optimizer state (and stale snapshots) while it samples.
@@ -198,10 +191,18 @@ def plan(config, topology: str, *, replicated_threshold: int = 64 * 2**20) -> di
   report["peak_per_chip"] = max(report["learner"]["memory"]["peak"],
                                 report["sampler"]["memory"]["peak"] + report["sampler"]["memory"]["resident"])
   report["learner"]["flops_analytic"] = learner_flops
-  # Learner: compute bound at this size; the roofline is its FLOPs at peak (XLA's bytes miss the loops).
-  report["learner"]["roofline_s"] = learner_flops / chip.peak_flops
-  report["sampler"]["roofline_s"] = max(sampler_cost["flops"] / chip.peak_flops, sampler_cost["bytes"] / chip.hbm_bw)
+  for name, compiled, terms in (("learner", learner, {"compute": learner_flops / chip.peak_flops}),
+                                ("sampler", sampler, {"compute": sampler_cost["flops"] / chip.peak_flops,
+                                                      "hbm": sampler_cost["bytes"] / chip.hbm_bw})):
+    coll = hlo_stats.collective_bytes(compiled.as_text()) if compiled is not None else {}
+    terms["ici"] = sum(coll.values()) / chip.ici_bw if chip.ici_bw else 0.0
+    report[name]["collective_bytes"] = coll
+    report[name]["roofline_terms_s"] = terms
+    report[name]["roofline_s"] = max(terms.values())  # the terms overlap at best: the largest bounds the step
+    report[name]["bound"] = max(terms, key=terms.get)
+    report[name]["serial_s"] = sum(terms.values())  # no overlap at all: the worst case
   report["step_s"] = report["learner"]["roofline_s"] + report["sampler"]["roofline_s"]
+  report["step_serial_s"] = report["learner"]["serial_s"] + report["sampler"]["serial_s"]
   report["replicated"] = replicated_arrays({"params": params, "opt_state": opt_state, "batch": batch}, n,
                                            replicated_threshold)
   report["verdict"] = verdict(report, config)
@@ -318,7 +319,11 @@ def format_report(r: dict) -> str:
       f"loop bodies once: {r['learner']['cost']['flops'] / 1e12:.2f} TFLOP) -> roofline {r['learner']['roofline_s']:.2f} s",
       f"sampler: {r['sampler']['cost']['flops'] / 1e12:.1f} TFLOP, {r['sampler']['cost']['bytes'] / GiB:.1f} GiB "
       f"read per chip (analytic prefill + decode) -> roofline {r['sampler']['roofline_s']:.2f} s",
-      f"RL step roofline (sampler + learner, no ICI): {r['step_s']:.2f} s",
+      *[f"{n}: collectives per chip (loops x trip count) " + ", ".join(
+          f"{k} {v / GiB:.2f} GiB" for k, v in r[n]["collective_bytes"].items() if v) +
+        f" -> ICI {r[n]['roofline_terms_s']['ici']:.2f} s; bound: {r[n]['bound']}" for n in ("learner", "sampler")],
+      f"RL step estimate (sampler + learner, each its largest of compute / HBM / ICI): {r['step_s']:.2f} s "
+      f"({r['step_serial_s']:.2f} s with no overlap)",
   ]
   for name in ("learner", "sampler"):
     if r[name]["largest"]:
