@@ -109,6 +109,16 @@ def test_pod_config_validates_and_mirrors_the_paper():
     config_lib.validate(config_lib.load_config("pod_qwen3_8b", arg))
 
 
+def test_moe_pod_config_is_the_8b_recipe_on_qwen3_30b_a3b():
+  moe = config_lib.validate(config_lib.load_config("pod_qwen3_30b_a3b"))
+  dense = config_lib.validate(config_lib.load_config("pod_qwen3_8b"))
+  assert (moe.model.size, moe.model.moe_dispatch, moe.mesh.fsdp) == ("qwen3-30b-a3b", "sparse", -1)
+  for key in ("rl", "trm", "optim", "eval", "data", "rollout"):  # everything but the model is the 8B run's
+    assert moe[key].to_dict() == dense[key].to_dict(), key
+  with pytest.raises(ValueError, match="size"):
+    config_lib.load_config("pod_qwen3_30b_a3b", "size=8b")
+
+
 # ----------------------------------------------------------------------------- sweep
 
 
