@@ -31,8 +31,12 @@ def get_config(arg: str = ""):
   c.distributed.initialize = True  # multi-host: jax.distributed.initialize() on every host
   c.model.moe_dispatch = "sparse"  # only each token's 8 experts run (the dense reference pays 16x)
   c.mesh.data = 1
-  c.mesh.fsdp = -1  # FSDP over every chip
-  c.mesh.tensor = 1
+  c.mesh.fsdp = -1  # FSDP over the other chips (paper: PyTorch FSDP)
+  c.mesh.tensor = 4  # heads / KV heads / MLP / vocab over 4 chips: the KV cache and residuals / 4
+  # Pod memory (trm_jax.plan: fits v5p:4x4x4 and v5e:16x16 at B = 512, T = 20480; README "Running on a pod"):
+  c.learner.microbatches = 8  # gradient accumulation: the same optimizer step in 8 slices of 64 rows
+  c.learner.attention_block = 1024  # scores [rows, heads, 1024, P + T], not [rows, heads, P + T, P + T]
+  c.rollout.microbatches = 2  # the KV cache of 256 rows at a time
   return c
 
 

@@ -727,3 +727,28 @@ def test_layer_scan_hidden_state_is_sharded_under_a_mesh():
   del a["unembedding"], b["unembedding"]  # unused by the loss: zero gradient
   errs = jax.tree.map(lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(a)), a, b)
   assert max(jax.tree.leaves(errs)) < 1e-4, errs
+
+
+@pytest.mark.parametrize("attention", ["standard", "alt_order"])
+def test_query_blocks_give_the_same_logits_and_gradients(dense, attention):
+  """Numerics.query_block (learner.attention_block) changes the memory, not the numbers: L = 11 in blocks
+  of 4 (a ragged last block), with left padding. Catches: a block's queries given another block's mask or
+  positions, or the ragged block's padded rows kept."""
+  r = np.random.default_rng(3)
+  tok = jnp.asarray(r.integers(0, V, (B, L)), jnp.int32)
+  valid = jnp.asarray(np.arange(L)[None] >= r.integers(0, 4, (B, 1)))
+  pos = positions_from_valid(valid)
+  graphdef, params = nnx.split(dense)
+
+  def loss(params, numerics):
+    logits = nnx.merge(graphdef, params)(tok, pos, valid, numerics=numerics)
+    return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0) ** 2), logits
+
+  whole = Numerics(attention=attention)
+  (l0, z0), g0 = jax.value_and_grad(loss, has_aux=True)(params, whole)
+  (l1, z1), g1 = jax.value_and_grad(loss, has_aux=True)(params, dataclasses.replace(whole, query_block=4))
+  np.testing.assert_allclose(np.asarray(z1), np.asarray(z0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  # The key / value gradients sum over the blocks in another order: float32 noise relative to the largest entry.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-6 * float(np.abs(np.asarray(b)).max())), g1, g0)

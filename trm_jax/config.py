@@ -113,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.learner = ml_collections.ConfigDict()
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
+  c.learner.attention_block = 0  # queries per attention block (0 = all): scores [B, H, block, S], not [B, H, L, S]
   c.learner.remat = "full"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: what the backward
   # keeps of each layer (full: only its input; trm_jax/models REMAT_POLICIES); unless none, also recomputes
   # each chunk's logits (memory: one chunk)
@@ -304,6 +305,7 @@ def _validate_learner_rollout_optim(config):
          f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "
          "applied twice; use rl.ratio_base='learner' (decoupled PPO: the IS weight corrects rollout -> proximal)")
   _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
+  _check(config.learner.attention_block >= 0, "learner.attention_block", "must be >= 0 (0 = all queries at once)")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (auto) or >= 1, got {size}")

@@ -14,6 +14,7 @@ donated), so the mask, the bounds and the update cost one dispatch and fuse with
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -60,9 +61,10 @@ def split_model(model) -> tuple[ModelDef, Any]:
 def learner_numerics(cfg) -> Numerics:
   """The learner's numerics: float32 (default) or bfloat16 activations and weights (master params stay
   float32 in the optimizer), e.g. for MFU on GPUs and TPUs."""
+  block = int(cfg.learner.attention_block)
   if cfg.learner.dtype == "float32":
-    return LEARNER
-  return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype)
+    return dataclasses.replace(LEARNER, query_block=block)
+  return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype, query_block=block)
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:

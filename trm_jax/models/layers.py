@@ -38,6 +38,9 @@ class Numerics:
       function of (layer, position, token) so the learner's recomputation sees the same jitter.
     logit_noise_scale: scale of heavy-tailed logit noise `scale * h @ W_noise`, W_noise ~ student-t.
     logit_noise_df: degrees of freedom of the student-t noise matrix.
+    query_block: attend in blocks of this many queries (0 = all at once): the scores alive at once are
+      [B, H, query_block, S] instead of [B, H, L, S], each block recomputed in the backward; every row's
+      softmax is the same computation, so the result does not change (config learner.attention_block).
   """
 
   dtype: str = "float32"
@@ -47,6 +50,7 @@ class Numerics:
   router_jitter: float = 0.0
   logit_noise_scale: float = 0.0
   logit_noise_df: float = 3.0
+  query_block: int = 0
 
   def __post_init__(self):
     for field in ("dtype", "weight_dtype", "router_dtype"):
@@ -54,7 +58,7 @@ class Numerics:
         raise ValueError(f"Numerics.{field} must be one of {tuple(DTYPES)}, got {getattr(self, field)!r}")
     if self.attention not in ATTENTION_KINDS:
       raise ValueError(f"Numerics.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-    if self.router_jitter < 0 or self.logit_noise_scale < 0 or self.logit_noise_df <= 0:
+    if self.router_jitter < 0 or self.logit_noise_scale < 0 or self.logit_noise_df <= 0 or self.query_block < 0:
       raise ValueError(f"Numerics noise settings out of range: {self}")
 
   @property
@@ -126,6 +130,27 @@ def _attend_standard(q, k, v, mask, scale):
   s = jnp.where(m, s, NEG_INF)
   p = jnp.where(m, jax.nn.softmax(s, axis=-1), 0.0)  # fully masked (pad) rows give 0, not NaN
   return jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v)
+
+
+def _by_query_blocks(fn, q, qi, block: int):
+  """fn(q_rows, qi_rows) -> [B, rows, ...] over blocks of `block` queries, concatenated (Numerics.query_block).
+
+  A `lax.map` over the blocks with each block under `jax.checkpoint`: the backward keeps only the block
+  index and recomputes that block's scores. q [B,L,...], qi [L,1] query slot indices.
+  """
+  L = q.shape[1]
+  if not block or L <= block:
+    return fn(q, qi)
+  n = -(-L // block)
+  pad = n * block - L
+  if pad:  # padded queries attend like the last real one; their rows are dropped below
+    q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * (q.ndim - 2), mode="edge")
+    qi = jnp.pad(qi, ((0, pad), (0, 0)), mode="edge")
+  one = jax.checkpoint(lambda i: fn(jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1),
+                                    jax.lax.dynamic_slice_in_dim(qi, i * block, block, axis=0)))
+  out = jax.lax.map(one, jnp.arange(n))  # [n, B, block, ...]
+  out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(out.shape[:1] + (n * block,) + out.shape[3:])[:, :L]
 
 
 def _attend_alt_order(q, k, v, mask, scale, block: int | None = None):
@@ -225,11 +250,15 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       qi = qi + index
       kj = jnp.arange(k.shape[1])[None, :]
-    mask = (kj <= qi)[None] & key_valid[:, None, :]  # [B,L,S]
     G = self.n_heads // self.n_kv_heads
     qg = q.reshape(B, L, self.n_kv_heads, G, self.head_dim)
     attend = _attend_alt_order if numerics.attention == "alt_order" else _attend_standard
-    o = attend(qg, k.astype(q.dtype), v.astype(q.dtype), mask, 1.0 / math.sqrt(self.head_dim))
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+
+    def rows(q_rows, qi_rows):  # some queries against every key; the mask [B, rows, S] is built per block
+      return attend(q_rows, k, v, (kj <= qi_rows)[None] & key_valid[:, None, :], 1.0 / math.sqrt(self.head_dim))
+
+    o = _by_query_blocks(rows, qg, qi, numerics.query_block)
     o = o.reshape(B, L, self.n_heads, self.head_dim)
     y = jnp.einsum("blhe,hed->bld", o, numerics.w(self.wo[...]))
     if self.bo is not None:
