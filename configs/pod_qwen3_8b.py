@@ -75,7 +75,7 @@ def get_config(arg: str = ""):
   c.mesh.tensor = 4  # heads / KV heads / MLP / vocab over 4 chips: the KV cache and residuals / 4
   # Pod memory (trm_jax.plan: fits v5p:4x4x4 and v5e:16x16 at B = 512, T = 20480; README "Running on a pod"):
   c.learner.microbatches = 8  # gradient accumulation: the same optimizer step in 8 slices of 64 rows
-  c.learner.attention_block = 1024  # scores [rows, heads, 1024, P + T], not [rows, heads, P + T, P + T]
+  c.learner.attention_block = 256  # scores [rows, heads, 256, P + T], not [rows, heads, P + T, P + T]
   c.rollout.microbatches = 2  # the KV cache of 256 rows at a time
   return c
 

@@ -349,3 +349,16 @@ def test_dppo_cppo_run_inside_the_compiled_update(meshes, kind):
   assert all(np.isfinite(v) for v in m_far.values())
   assert "baseline/token_accept_rate" in m_far
   assert m_far["baseline/token_accept_rate"] < m_near["baseline/token_accept_rate"]
+
+
+def test_attention_blocks_leave_the_update_unchanged(meshes):
+  """learner.attention_block (query blocks in the learner's and the recomputed rollout's attention) changes
+  memory, not the numbers: same metrics and parameters as attending all queries at once (P + T = 12 in blocks
+  of 5). Catches: a block given another block's causal mask."""
+  batch = near_learner(tiny_config(), make_batch())
+  sgd = optax.sgd(1e-2)
+  p0, m0 = run(tiny_config(), meshes[0], batch, sgd)
+  p1, m1 = run(tiny_config(**{"learner.attention_block": 5}), meshes[0], batch, sgd)
+  for k in m0:
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p0)

@@ -121,8 +121,10 @@ def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: R
   source = cfg.trm.source
   if source == "recompute":  # one extra forward under the backend's numerics; no [B,T,V] stored
     roll_model = model_def.merge(rollout_params)
+    # Attention in the learner's query blocks: the same per-row computation, so the same rollout numbers.
+    numerics = dataclasses.replace(backend.numerics, query_block=int(cfg.learner.attention_block))
     h_roll, aux_roll = lp.response_hidden(roll_model, batch.prompt, batch.prompt_mask, batch.response,
-                                          batch.response_mask, numerics=backend.numerics)
+                                          batch.response_mask, numerics=numerics)
     return ("recompute", roll_model, jax.lax.stop_gradient(h_roll), backend.numerics), aux_roll
   if source == "stored":
     return ("stored", batch.rollout_logits), {}
