@@ -5,7 +5,7 @@
     sampled-token estimators k1 k2 k3 |log rho| tv    (always, next to the exact values)   divergence.py
     pre-update statistics: delta, eps, kl_seq, tv_seq, dbar -> every bound, B*            bounds.py
     mask / weights (TRM criterion x baseline x IS weight, composed once)                     masking.py
-    advantages over ACCEPTED sequences only                                                 advantages.py
+    advantages (group statistics over all G rows, or the accepted ones: rl.group_stats)    advantages.py
     epochs x minibatches: surrogate -> grads (summed over learner.microbatches slices) -> optax  losses.py
     bounds.certify_update: post-update forward -> L'(theta') - B*(theta' vs pi_roll)         bounds.py
 
@@ -14,7 +14,6 @@ donated), so the mask, the bounds and the update cost one dispatch and fuse with
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.struct
@@ -28,9 +27,10 @@ from trm_jax import certificate, divergence, losses, masking
 from trm_jax import logprobs as lp
 from trm_jax.guard import GUARD_KEYS, all_finite, guarded_update  # noqa: F401 (learner.guarded_update)
 from trm_jax import sharding as sharding_lib
-from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
+from trm_jax.stats_pass import (learner_numerics, learner_stats, rollout_side, sliced_stats,  # noqa: F401
+                               split_side, truncated)
 
 @flax.struct.dataclass
 class TrainState:
@@ -56,15 +56,6 @@ def split_model(model) -> tuple[ModelDef, Any]:
     raise ValueError(f"the model holds non-parameter state {list(rest.flat_state())[:3]}...; "
                      "trm_jax's models are pure parameter pytrees")
   return ModelDef(graphdef), params
-
-
-def learner_numerics(cfg) -> Numerics:
-  """The learner's numerics: float32 (default) or bfloat16 activations and weights (master params stay
-  float32 in the optimizer), e.g. for MFU on GPUs and TPUs."""
-  block = int(cfg.learner.attention_block)
-  if cfg.learner.dtype == "float32":
-    return dataclasses.replace(LEARNER, query_block=block)
-  return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype, query_block=block)
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -114,40 +105,6 @@ def _correction_inputs(cfg, mask, learner_logp, rollout_logp, exact, est, advant
 def _advantages(cfg, rewards, group_size, valid):
   return advantages_lib.ESTIMATORS[cfg.rl.advantage](rewards, group_size, valid=valid,
                                                      group_stats=cfg.rl.group_stats)
-
-
-def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend):
-  """How token_stats gets the rollout distribution (trm.source), plus the rollout forward's aux."""
-  source = cfg.trm.source
-  if source == "recompute":  # one extra forward under the backend's numerics; no [B,T,V] stored
-    roll_model = model_def.merge(rollout_params)
-    # Attention in the learner's query blocks: the same per-row computation, so the same rollout numbers.
-    numerics = dataclasses.replace(backend.numerics, query_block=int(cfg.learner.attention_block))
-    h_roll, aux_roll = lp.response_hidden(roll_model, batch.prompt, batch.prompt_mask, batch.response,
-                                          batch.response_mask, numerics=numerics)
-    return ("recompute", roll_model, jax.lax.stop_gradient(h_roll), backend.numerics), aux_roll
-  if source == "stored":
-    return ("stored", batch.rollout_logits), {}
-  if source == "topk":
-    return ("topk", batch.rollout_topk_logp, batch.rollout_topk_ids), {}
-  return None, {}
-
-
-def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_logp: bool):
-  """One chunked pass of the learner: per-token log-probs (differentiable if grad_logp), entropy and
-  the exact divergences against the rollout side; plus the MoE routing-flip fraction."""
-  h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
-                              numerics=learner_numerics(cfg), remat=cfg.learner.remat)
-  stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), batch.response,
-                         learner_numerics=learner_numerics(cfg),
-                         sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
-                         chunk=lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size),
-                         rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat != "none")
-  extra = {}
-  if "routes" in aux and "routes" in aux_roll:
-    valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
-    extra["moe/routing_flip_frac"] = divergence.routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
-  return stats, extra
 
 
 def analyse(cfg, stats, extra, batch: RolloutBatch, reward_range=(0.0, 1.0)):
@@ -279,8 +236,11 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   gradient summed over learner.microbatches slices (> 1 therefore takes this path: the statistics of the
   whole batch must be fixed before any slice's gradient).
   """
-  side, aux_roll = rollout_side(cfg, model_def, rollout_params, batch, backend)
-  fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1 and cfg.learner.microbatches == 1
+  k = cfg.learner.microbatches
+  fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1 and k == 1
+  # With k > 1 the statistics pass also runs in k row slices, unless a full-batch rollout side is needed later.
+  sliced = not fused and k > 1 and not truncated(cfg) and not cfg.bounds.certify_update
+  side, aux_roll = (None, {}) if sliced else rollout_side(cfg, model_def, rollout_params, batch, backend)
   if fused:
     def loss_fn(params):
       stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
@@ -297,13 +257,16 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
     metrics["rl/loss_denominator"] = aux["loss_denominator"]
     seq_mask_fused = aux["seq_mask"]
   else:
-    stats, extra = learner_stats(cfg, model_def.merge(state.params), batch, side, aux_roll, grad_logp=False)
+    if sliced:
+      stats, extra = sliced_stats(cfg, model_def, state.params, rollout_params, batch, backend, k)
+    else:
+      stats, extra = learner_stats(cfg, model_def.merge(state.params), batch, side, aux_roll, grad_logp=False)
     targets, metrics = analyse(cfg, stats, extra, batch, reward_range)
     n_mb, b = cfg.rl.minibatches, batch.response.shape[0]
     data = dict(prompt=batch.prompt, prompt_mask=batch.prompt_mask, response=batch.response,
                 response_mask=batch.response_mask.astype(jnp.float32), **targets)
     rebuild_side = None
-    if _truncated(cfg):  # the same kept set as the fused path and the rollout (see split_side)
+    if truncated(cfg):  # the same kept set as the fused path and the rollout (see split_side)
       side_rows, rebuild_side = split_side(side, model_def, rollout_params)
       data.update(side_rows)
     data = jax.tree.map(lambda x: x.reshape(n_mb, b // n_mb, *x.shape[1:]), data)
@@ -325,26 +288,6 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   metrics = {k: v if k in GUARD_KEYS else jnp.where(policy_ok, v, jnp.nan) for k, v in metrics.items()}
   metrics["update/nonfinite_policy"] = (~policy_ok).astype(jnp.float32)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
-
-
-def _truncated(cfg) -> bool:
-  return cfg.rollout.top_p < 1.0 or cfg.rollout.top_k > 0
-
-
-def split_side(side, model_def, rollout_params):
-  """The rollout side's per-row arrays (leading axis B, so minibatches can slice them) and a function that
-  rebuilds the side from one minibatch's rows. Only needed with top-p / top-k: the learner's log-prob must be
-  renormalised over the rollout's kept set (paper-faithful ratio), which needs the rollout distribution."""
-  kind = side[0] if side is not None else None
-  if kind == "recompute":
-    numerics = side[3]
-    return {"side_h": side[2]}, lambda mb: ("recompute", model_def.merge(rollout_params), mb["side_h"], numerics)
-  if kind == "stored":
-    return {"side_logits": side[1]}, lambda mb: ("stored", mb["side_logits"])
-  if kind == "topk":
-    return ({"side_topk_logp": side[1], "side_topk_ids": side[2]},
-            lambda mb: ("topk", mb["side_topk_logp"], mb["side_topk_ids"]))
-  return {}, lambda mb: None
 
 
 def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None, grad_shardings=None):
