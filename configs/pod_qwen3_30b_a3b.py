@@ -10,8 +10,7 @@ TRM-Max 0.05 & Avg 0.001 exact, bf16 rollout vs f32 learner, AIME25 avg@32) on Q
   python -m trm_jax.main --config=configs/pod_qwen3_30b_a3b.py:$ARGS --workdir=gs://B/moe_max_avg
   python -m trm_jax.main --config=configs/pod_qwen3_30b_a3b.py:$ARGS,variant=ppo_clip --workdir=gs://B/moe_ppo_clip
 
-Status (2026-12-04): `trm_jax.plan` does not compile this learner for TPU yet (a libtpu sort-size limit of the
-sparse dispatch at 16 rows x 22528 tokens per chip; README, "TPU plan"); the 8B config plans and fits.
+Planned 2026-12-04 on v5p:4x4x8 (128 chips): fits, peak 37.69 GiB of 95 per chip at T = 20480 (README, "TPU plan").
 
 Arguments: those of configs/qwen3.py (hf_path, data, variant, backend, T, seed, steps); size is fixed to
 30b_a3b. What still differs from the paper: as listed in configs/pod_qwen3_8b.py.

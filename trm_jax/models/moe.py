@@ -25,7 +25,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from trm_jax import sharding as sharding_lib
 from trm_jax.models.layers import DTYPES, Numerics, fan_in_init, param
 
 # Fixed seed of the router jitter: the jitter must be a deterministic function of
@@ -146,6 +148,31 @@ def dense_experts(x, gates, routes, w_gate, w_up, w_down):
   return jnp.einsum("ned,ne->nd", y, combine)
 
 
+def _per_device(mix, x, gates, routes, w_gate, w_up, w_down):
+  """`mix` on each device's own rows (jax.shard_map), under a mesh context whose batch axes divide B.
+
+  Why: the sparse dispatch sorts all its token-expert pairs at once, and XLA does not partition that sort over
+  the batch axes: every chip would sort the whole batch's pairs (2.9M at the 30B-A3B pod shape, past libtpu's
+  1M-iteration limit). Here each device sorts its own rows' pairs. The experts' hidden dim F is split over
+  "tensor" where it divides: SwiGLU is elementwise in F, and the down projection's partial sums over F are
+  added by a psum. Returns None when there is no such mesh (the caller then runs `mix` as it is).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = sharding_lib.BATCH
+  if mesh.empty or not set(batch) <= set(mesh.axis_names) or x.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    return None
+  tp = "tensor" if "tensor" in mesh.axis_names and w_gate.shape[-1] % mesh.shape["tensor"] == 0 else None
+
+  def local(x, gates, routes, w_gate, w_up, w_down):
+    y = mix(x, gates, routes, w_gate, w_up, w_down)
+    return y if tp is None else jax.lax.psum(y, tp)
+
+  rows = P(batch)
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(None, None, tp), P(None, None, tp),
+                                                   P(None, tp, None)), out_specs=rows,
+                       check_vma=False)(x, gates, routes, w_gate, w_up, w_down)
+
+
 class MoE(nnx.Module):
   """Top-k routed SwiGLU experts, as HF's Qwen3MoeSparseMoeBlock (no shared expert).
 
@@ -184,7 +211,10 @@ class MoE(nnx.Module):
     """x [B,L,D] -> (y [B,L,D], routes [B,L,k] int32). `layer` may be traced (scan over layers)."""
     gates, routes = self.route(x, numerics, layer=layer, positions=positions, tokens=tokens)
     B, L, D = x.shape
-    mix = sparse_experts if self.dispatch == "sparse" else dense_experts
     w = [numerics.w(v[...]) for v in (self.w_gate, self.w_up, self.w_down)]
-    y = mix(x.reshape(B * L, D), gates.astype(numerics.act).reshape(B * L, -1), routes.reshape(B * L, -1), *w)
-    return y.reshape(B, L, D), routes
+    mix = sparse_experts if self.dispatch == "sparse" else dense_experts
+    flat = lambda x, g, r, *w: mix(x.reshape(-1, D), g.reshape(-1, g.shape[-1]), r.reshape(-1, r.shape[-1]),
+                                   *w).reshape(x.shape)
+    gates = gates.astype(numerics.act)
+    y = _per_device(flat, x, gates, routes, *w) if self.dispatch == "sparse" else None
+    return (flat(x, gates, routes, *w) if y is None else y), routes
