@@ -30,16 +30,8 @@ def get_config(arg: str = ""):
   if "size=" in (arg or ""):
     raise ValueError("configs/pod_qwen3_30b_a3b.py is the 30B-A3B run; use configs/qwen3.py:size=... for others")
   c = _load("qwen3").get_config(",".join(filter(None, ["size=30b_a3b", arg])))
-  c.distributed.initialize = True  # multi-host: jax.distributed.initialize() on every host
   c.model.moe_dispatch = "sparse"  # only each token's 8 experts run (the dense reference pays 16x)
-  c.mesh.data = 1
-  c.mesh.fsdp = -1  # FSDP over the other chips (paper: PyTorch FSDP)
-  c.mesh.tensor = 4  # heads / KV heads / MLP / vocab over 4 chips: the KV cache and residuals / 4
-  # Pod memory (trm_jax.plan: fits v5p:4x4x4 and v5e:16x16 at B = 512, T = 20480; README "Running on a pod"):
-  c.learner.microbatches = 8  # gradient accumulation: the same optimizer step in 8 slices of 64 rows
-  c.learner.attention_block = 256  # scores [rows, heads, 256, P + T], not [rows, heads, P + T, P + T]
-  c.rollout.microbatches = 2  # the KV cache of 256 rows at a time
-  return c
+  return _load("pod_qwen3_8b").pod_settings(c)
 
 
 def sweep():

@@ -68,12 +68,16 @@ VARIANTS = _qwen3().VARIANTS
 def get_config(arg: str = ""):
   if "size=" in (arg or ""):
     raise ValueError("configs/pod_qwen3_8b.py is the 8B run; use configs/qwen3.py:size=... for other sizes")
-  c = _qwen3().get_config(",".join(filter(None, ["size=8b", arg])))
+  return pod_settings(_qwen3().get_config(",".join(filter(None, ["size=8b", arg]))))
+
+
+def pod_settings(c):
+  """Multi-host, the mesh and the memory knobs of the pod runs (also configs/pod_qwen3_30b_a3b.py)."""
   c.distributed.initialize = True  # multi-host: jax.distributed.initialize() on every host
   c.mesh.data = 1
   c.mesh.fsdp = -1  # FSDP over the other chips (paper: PyTorch FSDP)
   c.mesh.tensor = 4  # heads / KV heads / MLP / vocab over 4 chips: the KV cache and residuals / 4
-  # Pod memory (trm_jax.plan: fits v5p:4x4x4 and v5e:16x16 at B = 512, T = 20480; README "Running on a pod"):
+  # Pod memory (trm_jax.plan: the 8B fits v5p:4x4x4 and v5e:16x16 at B = 512, T = 20480; README "TPU plan"):
   c.learner.microbatches = 8  # gradient accumulation: the same optimizer step in 8 slices of 64 rows
   c.learner.attention_block = 256  # scores [rows, heads, 256, P + T], not [rows, heads, P + T, P + T]
   c.rollout.microbatches = 2  # the KV cache of 256 rows at a time
