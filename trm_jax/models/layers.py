@@ -198,6 +198,18 @@ def _attend_alt_order(q, k, v, mask, scale, block: int | None = None):
   return jnp.einsum("bkgld->blkgd", out).astype(v.dtype)
 
 
+def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """buf [B,S,...] with new [B,L,...] written at slots index[b] .. index[b]+L-1 of each row b.
+
+  One token (decoding) is a per-row scatter, so rows may sit at different slots; several tokens
+  (prefill) are one dynamic_update_slice at row 0's index (all rows of a prefill start together).
+  """
+  new = new.astype(buf.dtype)
+  if new.shape[1] == 1:
+    return buf.at[jnp.arange(buf.shape[0]), index].set(new[:, 0], mode="promise_in_bounds")
+  return jax.lax.dynamic_update_slice(buf, new, (0, index[0]) + (0,) * (buf.ndim - 2))
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with RoPE, key padding and an optional KV cache.
 
@@ -229,9 +241,11 @@ class Attention(nnx.Module):
     y = jnp.einsum("bld,dhe->blhe", x, numerics.w(w[...]))
     return y if b is None else y + numerics.w(b[...])
 
-  def __call__(self, x, positions, key_valid, numerics: Numerics, cache_kv=None, index=None):
+  def __call__(self, x, positions, key_valid, numerics: Numerics, cache_kv=None, index=None, segments=None):
     """x [B,L,D]; key_valid [B,S] (S = L, or the cache length); cache_kv: this layer's (k, v) cache
-    [B,S,K,Dh] or None. Returns (y [B,L,D], (k, v) [B,L,K,Dh] of the L new tokens, post-RoPE)."""
+    [B,S,K,Dh] or None, written at `index` [B] (per row); segments: [B,L] int32 segment ids of packed
+    rows (no cache): a query attends only to earlier keys of its own segment.
+    Returns (y [B,L,D], (k, v) [B,L,K,Dh] of the L new tokens, post-RoPE)."""
     B, L, _ = x.shape
     q = self._proj(x, self.wq, self.bq, numerics)
     k = self._proj(x, self.wk, self.bk, numerics)
@@ -240,15 +254,15 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q, numerics), self.k_norm(k, numerics)
     q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
     new_kv = (k, v)
-    qi = jnp.arange(L)[:, None]
+    qi, offset = jnp.arange(L)[:, None], jnp.zeros((B, 1, 1), jnp.int32)
     if cache_kv is None:
       kj = jnp.arange(L)[None, :]
     else:
-      # Cache slots are in time order, so causality is a comparison of slot indices.
+      # Cache slots are in time order, so causality is a comparison of slot indices (per row: rows of a
+      # continuous batch sit at different positions).
       ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-      qi = qi + index
+      k, v = write_rows(ck, k, index), write_rows(cv, v, index)
+      offset = index[:, None, None]
       kj = jnp.arange(k.shape[1])[None, :]
     G = self.n_heads // self.n_kv_heads
     qg = q.reshape(B, L, self.n_kv_heads, G, self.head_dim)
@@ -256,7 +270,10 @@ class Attention(nnx.Module):
     k, v = k.astype(q.dtype), v.astype(q.dtype)
 
     def rows(q_rows, qi_rows):  # some queries against every key; the mask [B, rows, S] is built per block
-      return attend(q_rows, k, v, (kj <= qi_rows)[None] & key_valid[:, None, :], 1.0 / math.sqrt(self.head_dim))
+      mask = (kj[None] <= qi_rows[None] + offset) & key_valid[:, None, :]
+      if segments is not None:
+        mask &= jnp.take(segments, qi_rows[:, 0], axis=1)[:, :, None] == segments[:, None, :]
+      return attend(q_rows, k, v, mask, 1.0 / math.sqrt(self.head_dim))
 
     o = _by_query_blocks(rows, qg, qi, numerics.query_block)
     o = o.reshape(B, L, self.n_heads, self.head_dim)

@@ -28,7 +28,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from trm_jax import sharding as sharding_lib
-from trm_jax.models.layers import DTYPES, LEARNER, MLP, Attention, Numerics, RMSNorm, param
+from trm_jax.models.layers import DTYPES, LEARNER, MLP, Attention, Numerics, RMSNorm, param, write_rows
 from trm_jax.models.moe import MoE
 from trm_jax.models.presets import (  # noqa: F401  (re-exported)
     ARCHS, DEFAULT_MAX_LEN, DIM_FIELDS, HF_PRESETS, KINDS, MOE_PRESET, PRESETS, ModelConfig,
@@ -46,12 +46,12 @@ REMAT_POLICIES = {
 @struct.dataclass
 class KVCache:
   """Keys/values of every layer [n_layers, B, S, n_kv_heads, head_dim] in time order (post-RoPE),
-  key validity [B,S], next slot."""
+  key validity [B,S], each row's next slot [B] (the rows of a continuous batch sit at different slots)."""
 
   k: jax.Array
   v: jax.Array
   valid: jax.Array  # [B,S] bool: slot holds a real (non-pad) token
-  index: jax.Array  # int32 scalar: next slot to write; rows share it because prompts are left padded
+  index: jax.Array  # [B] int32: next slot to write in each row
 
 
 class Layers(nnx.Module):
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
     c = self.cfg
     shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
     return KVCache(k=constrain_kv(jnp.zeros(shape, numerics.act)), v=constrain_kv(jnp.zeros(shape, numerics.act)),
-                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((batch,), jnp.int32))
 
   def _layer_inputs(self, static: bool):
     """Per-layer inputs of the scan: layer index, stacked attention params, MLP params / stack rows."""
@@ -189,7 +189,7 @@ class Transformer(nnx.Module):
     return xs
 
   def hidden(self, tokens, positions, valid, *, numerics: Numerics = LEARNER, cache: KVCache | None = None,
-             remat: str = "none"):
+             remat: str = "none", segment_ids: jax.Array | None = None):
     """Final hidden states (after the final norm).
 
     Args:
@@ -198,6 +198,8 @@ class Transformer(nnx.Module):
       numerics: how to compute (see `Numerics`).
       cache: optional `KVCache`; the L tokens are written at `cache.index` and attend to the cache.
       remat: rematerialisation policy of each layer in the backward pass (`REMAT_POLICIES`).
+      segment_ids: optional [B,L] int32 (no cache): packed rows, several sequences per row; a token
+        attends only to earlier tokens with its own id (give positions that restart per segment).
     Returns:
       (h [B,L,D] in numerics.dtype, updated cache or None, aux) with aux["routes"]
       [n_moe_layers, B, L, top_k] int32 for MoE models (aux is {} for dense).
@@ -207,9 +209,11 @@ class Transformer(nnx.Module):
     c = self.cfg
     x = self.embed[...].astype(DTYPES[numerics.weight_dtype]).astype(numerics.act)[tokens]
     valid = valid.astype(bool)
-    key_valid = valid if cache is None else jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+    key_valid = valid if cache is None else write_rows(cache.valid, valid, cache.index)
     index = None if cache is None else cache.index
-    body = self._layer_body(numerics, tokens, positions, key_valid, index)
+    body = self._layer_body(numerics, tokens, positions, key_valid, index, segment_ids)
     if remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not c.scan_layers)
     carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
@@ -232,7 +236,7 @@ class Transformer(nnx.Module):
       outs.append(r)
     return carry, jnp.stack(outs)
 
-  def _layer_body(self, numerics, tokens, positions, key_valid, index):
+  def _layer_body(self, numerics, tokens, positions, key_valid, index, segment_ids=None):
     """The scan body of one layer: (x, cache_k, cache_v), layer inputs -> new carry, MoE routes.
 
     Pre-norm residual block x += attn(norm(x)); x += mlp_or_moe(norm(x)). The KV cache (if any) gets
@@ -269,10 +273,9 @@ class Transformer(nnx.Module):
       xs = gather_fsdp(xs)
       i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
       kv = None if ck is None else (ck[i], cv[i])
-      a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index)
+      a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index, segment_ids)
       if ck is not None:
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
+        ck, cv = write_layer(ck, k, i, index), write_layer(cv, v, i, index)
       x = x + a
       m, routes = mixer(lyr.mlp_norm(x, numerics), xs, i)
       return (constrain_batch_axis(x + m), ck, cv), routes
@@ -300,6 +303,15 @@ class Transformer(nnx.Module):
     """Logits [B,L,V] float32 of a full (uncached) forward."""
     h, _, _ = self.hidden(tokens, positions, valid, numerics=numerics, remat=remat)
     return self.unembed(h, numerics=numerics)
+
+
+def write_layer(buf: jax.Array, new: jax.Array, i, index: jax.Array) -> jax.Array:
+  """The layer-stacked cache buf [n_layers,B,S,...] with layer i's new keys / values [B,L,...] written in
+  place at each row's `index` (`layers.write_rows`)."""
+  new = new.astype(buf.dtype)
+  if new.shape[1] == 1:
+    return buf.at[i, jnp.arange(buf.shape[1]), index].set(new[:, 0], mode="promise_in_bounds")
+  return jax.lax.dynamic_update_slice(buf, new[None], (i, 0, index[0]) + (0,) * (buf.ndim - 3))
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
