@@ -37,10 +37,10 @@ def score(tokens, mask, answer, answer_mask):
   return RewardOutput(hits.astype(np.float32), hits > 0, {"reward/hits": float(hits.sum())})
 
 
-def _engine(model, mesh, *, microbatches, top_k=0, topk=0, return_logits=False):
+def _engine(model, mesh, *, microbatches, top_k=0, topk=0, return_logits=False, slots=0):
   settings = engine_lib.SamplingSettings(max_new_tokens=T, temperature=1.0, top_p=1.0, top_k=top_k, numerics=LEARNER,
                                          kernel="cached", group_size=G, return_logits=return_logits, topk=topk,
-                                         microbatches=microbatches)
+                                         microbatches=microbatches, slots=slots)
   return engine_lib.RolloutEngine(model[0], settings, stop_ids=(EOS,), pad_id=0, mesh=mesh, batch_size=PROMPTS * G)
 
 
@@ -67,23 +67,26 @@ def test_slices_of_a_deterministic_sampler_give_the_same_batch(model, mesh):
   assert two.rewards.sharding.is_equivalent_to(sharding_lib.batch_sharding(mesh, 1), 1)
 
 
-def test_slice_i_is_the_unsliced_batch_of_its_prompts_with_key_i(model, mesh):
-  """Stochastic sampling, microbatches = 2: slice i equals one unsliced call on its own prompts with the key
-  fold_in(rng, i) (the equality the module docstring states; catches a slice sampled with the step's key
-  itself, which would make both slices' draws the same)."""
+@pytest.mark.parametrize("microbatches,slots", [(2, 0), (1, 8), (2, 8)])
+def test_slices_and_slots_give_the_same_stochastic_batch(model, mesh, microbatches, slots):
+  """Stochastic sampling: every response is keyed by its row of the whole batch, so microbatches = 2 and / or
+  continuous slots (8 slots on the 8 devices for 16 rows) give the unsliced static batch (catches a slice keyed by its local rows, which
+  would make both slices' draws the same, or slots that change the draws)."""
   prompts = _prompts()
   rng = jax.random.key(5)
-  two = _engine(model, mesh, microbatches=2).generate(
-      model[1], *sharding_lib.shard_batch([prompts["prompt"], prompts["prompt_mask"]], mesh), rng)
+  batch = sharding_lib.shard_batch([prompts["prompt"], prompts["prompt_mask"]], mesh)
+  one = _engine(model, mesh, microbatches=1).generate(model[1], *batch, rng)
+  two = _engine(model, mesh, microbatches=microbatches, slots=slots).generate(model[1], *batch, rng)
   half = PROMPTS * G // 2
-  small = engine_lib.RolloutEngine(model[0], _engine(model, mesh, microbatches=1).settings, stop_ids=(EOS,), pad_id=0,
-                                   mesh=mesh, batch_size=half)
-  for i in range(2):
-    rows = slice(i * half, (i + 1) * half)
-    ref = small.generate(model[1], *sharding_lib.shard_batch([prompts["prompt"][rows], prompts["prompt_mask"][rows]],
-                                                             mesh), jax.random.fold_in(rng, i))
-    np.testing.assert_array_equal(np.asarray(two.tokens)[rows], np.asarray(ref.tokens))
-    np.testing.assert_allclose(np.asarray(two.logp)[rows], np.asarray(ref.logp), rtol=1e-6, atol=1e-6)
+  assert not np.array_equal(np.asarray(one.tokens)[:half], np.asarray(one.tokens)[half:])
+  np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(one.tokens))
+  np.testing.assert_array_equal(np.asarray(two.mask), np.asarray(one.mask))
+  np.testing.assert_allclose(np.asarray(two.logp), np.asarray(one.logp), rtol=1e-6, atol=1e-6)
+
+
+def test_slots_must_shard_like_the_batch(model, mesh):
+  with pytest.raises(ValueError, match=r"rollout.slots=4 must be 0 \(static batch\) or a positive multiple"):
+    _engine(model, mesh, microbatches=1, slots=4)  # the 8 fake devices shard the batch 8 ways
 
 
 @pytest.mark.parametrize("m", [3, 4])

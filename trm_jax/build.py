@@ -118,7 +118,9 @@ def rollout_engine(run: Run) -> engine_lib.RolloutEngine:
       max_new_tokens=run.task.response_len, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
       top_k=cfg.rollout.top_k, numerics=run.backend.numerics, kernel=run.backend.kernel,
       group_size=cfg.rl.group_size, return_logits=cfg.trm.source == "stored",
-      topk=cfg.trm.topk if cfg.trm.source == "topk" else 0, microbatches=cfg.rollout.microbatches)
+      topk=cfg.trm.topk if cfg.trm.source == "topk" else 0, microbatches=cfg.rollout.microbatches,
+      slots=engine_lib.resolve_slots(cfg.rollout.slots, run.batch_size // cfg.rollout.microbatches,
+                                     sharding_lib.batch_divisor(run.mesh)))
   return engine_lib.RolloutEngine(run.model_def.graphdef, settings, stop_ids=run.stop_ids,
                                   pad_id=run.tokenizer.pad_id, mesh=run.mesh, batch_size=run.batch_size)
 

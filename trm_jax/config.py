@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.top_p = 1.0  # < 1 truncates the rollout distribution (a mismatch source of its own)
   c.rollout.top_k = 0  # 0 = off
   c.rollout.microbatches = 1  # generate the batch in this many sequential slices of whole groups (less memory)
+  # Continuous batching: decode slots per slice, refilled as rows stop (same samples as the static batch).
+  # -1 = auto (a quarter of a slice's rows, rounded up to the mesh's data*fsdp); 0 = static batch.
+  c.rollout.slots = -1
   c.rollout.backend = default_backend_config()  # precision / kernel / router / staleness / noise
 
   c.rl = ml_collections.ConfigDict()
@@ -300,6 +303,7 @@ def _validate_learner_rollout_optim(config):
   _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
   _one_of(config, "learner.dtype", ("float32", "bfloat16"))
+  _check(config.rollout.slots >= -1, "rollout.slots", "must be -1 (auto), 0 (static batch) or a number of slots")
   _one_of(config, "learner.remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
   _check(config.rl.ratio_base == "learner" or config.baseline.kind not in masking.IS_BASELINES, "rl.ratio_base",
          f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "

@@ -116,7 +116,9 @@ def eval_engine(config, *, mesh, graphdef, tokenizer, numerics, max_new_tokens: 
   """The eval's rollout: the eval's own sampling settings, k samples per problem sharing one prefill."""
   ec = config.eval
   settings = engine_lib.SamplingSettings(max_new_tokens=max_new_tokens, temperature=ec.temperature, top_p=ec.top_p,
-                                         top_k=0, numerics=numerics, kernel="cached", group_size=ec.k)
+                                         top_k=0, numerics=numerics, kernel="cached", group_size=ec.k,
+                                         slots=engine_lib.resolve_slots(config.rollout.slots, rows,
+                                                                        sharding_lib.batch_divisor(mesh)))
   return engine_lib.RolloutEngine(graphdef, settings, stop_ids=engine_lib.stop_ids(tokenizer),
                                   pad_id=tokenizer.pad_id, mesh=mesh, batch_size=rows)
 

@@ -8,11 +8,10 @@ the run-setup module) and the run's mesh; the task scores itself (`score(tokens,
   sample_scored(params, prompts, rng, score) -> (host arrays, RewardOutput)  eval: every row on every host
 
 Microbatches (`rollout.microbatches` = m): the batch is generated as m sequential slices of B / m rows
-(whole groups), so the sampler's KV cache and logits hold B / m rows at a time. Slice i is sampled with
-the key fold_in(rng, i) (m = 1 uses `rng` itself, the unsliced program), so what holds is: a run is a
-deterministic function of (seed, step, m); for m > 1 each slice equals the unsliced batch of its own
-prompts sampled with key fold_in(rng, i); and for a deterministic sampler (top_k = 1) every m gives the
-same RolloutBatch.
+(whole groups), so the sampler's KV cache and logits hold B / m rows at a time. Each response's draws are
+keyed by its row in the whole batch (`sampler.row_keys`; slice i passes first_row = i * B / m), so every
+m gives the same RolloutBatch, and so does every `rollout.slots` (continuous batching: S decode slots per
+slice refilled as rows stop; 0 = all rows of a slice decode together).
 """
 from __future__ import annotations
 
@@ -43,6 +42,15 @@ class SamplingSettings:
   return_logits: bool = False
   topk: int = 0
   microbatches: int = 1
+  slots: int = 0  # continuous batching: decode slots per slice (0 = static batch)
+
+
+def resolve_slots(slots: int, slice_rows: int, divisor: int) -> int:
+  """`rollout.slots`: -1 (auto) = a quarter of a slice's rows rounded up to the mesh's data*fsdp, 0 (static)
+  where that leaves no row waiting; a number >= the slice's rows is the static batch too."""
+  if slots == -1:
+    slots = -(-max(slice_rows // 4, 1) // divisor) * divisor
+  return 0 if slots >= slice_rows else slots
 
 
 def stop_ids(tokenizer) -> tuple:
@@ -76,26 +84,31 @@ class RolloutEngine:
       raise ValueError(f"rollout.microbatches={m} must split the batch of {batch_size} rows into slices of "
                        f"whole groups (group_size {settings.group_size}) that are multiples of the mesh's "
                        f"data*fsdp = {div}")
+    if settings.slots < 0 or settings.slots % div:
+      raise ValueError(f"rollout.slots={settings.slots} must be 0 (static batch) or a positive multiple of the "
+                       f"mesh's data*fsdp = {div} (the slots are sharded like the batch)")
     self.settings, self.mesh, self.batch_size = settings, mesh, batch_size
     self.slice_rows = batch_size // m
     self.stop_ids, self.pad_id = tuple(stop_ids), int(pad_id)
     s, rows = settings, self.slice_rows
 
-    def one_slice(params, prompt, prompt_mask, rng):
+    def one_slice(params, prompt, prompt_mask, rng, first_row=0):
       # Traced under the mesh: the KV cache (and its group broadcast) is batch-sharded over data x fsdp with KV
       # heads over tensor, the hidden states as in the learner (models.transformer.constrain_*).
       with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return _sample_slice(params, prompt, prompt_mask, rng)
+        return _sample_slice(params, prompt, prompt_mask, rng, first_row)
 
-    def _sample_slice(params, prompt, prompt_mask, rng):
+    def _sample_slice(params, prompt, prompt_mask, rng, first_row):
       out = sampler_lib.sample(graphdef, params, prompt, prompt_mask, rng, max_new_tokens=s.max_new_tokens,
                                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_id=self.stop_ids,
                                pad_id=self.pad_id, numerics=s.numerics, kernel=s.kernel,
-                               return_logits=s.return_logits, topk=s.topk, group_size=s.group_size)
+                               return_logits=s.return_logits, topk=s.topk, group_size=s.group_size,
+                               slots=s.slots, first_row=first_row)
       # Outputs stay sharded over the batch as the learner takes them (XLA alone returned them replicated).
       return sharding_lib.constrain_batch(out, mesh, rows)
 
-    # The sampler program of one slice (trm_jax.plan compiles it): (params, prompt, mask, rng) -> SampleOutput.
+    # The sampler program of one slice (trm_jax.plan compiles it): (params, prompt, mask, rng[, first_row])
+    # -> SampleOutput.
     self.program = jax.jit(one_slice)
     self._take = jax.jit(lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=0),
                          out_shardings=sharding_lib.batch_sharding(mesh, 2))
@@ -108,8 +121,8 @@ class RolloutEngine:
     if m == 1:
       return self.program(params, prompt, prompt_mask, rng)
     # Sequential calls: one slice's KV cache is freed before the next slice's is allocated.
-    outs = [self.program(params, self._take(prompt, i * b), self._take(prompt_mask, i * b),
-                         jax.random.fold_in(rng, i)) for i in range(m)]
+    outs = [self.program(params, self._take(prompt, i * b), self._take(prompt_mask, i * b), rng, i * b)
+            for i in range(m)]
     return self._join(outs)
 
   def rollout(self, params, prompts: dict, rng, score: Callable) -> tuple[RolloutBatch, dict]:

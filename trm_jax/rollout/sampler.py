@@ -23,7 +23,8 @@ from flax import nnx, struct
 
 from trm_jax.models import LEARNER, Numerics
 from trm_jax.models.transformer import constrain_kv, positions_from_valid, sequence_inputs
-from trm_jax.rollout.sampling import check_sampling_args, processed_logprobs
+from trm_jax.rollout import continuous
+from trm_jax.rollout.sampling import check_sampling_args, inverse_cdf, processed_logprobs
 
 KERNELS = ("cached", "full")
 LOOPS = ("while", "scan")
@@ -56,20 +57,31 @@ def clip_frac(out: SampleOutput) -> jax.Array:
   return jnp.mean(out.clipped.astype(jnp.float32))
 
 
-def _choose(logits, t, done, rng, stop_ids, pad_id, temperature, top_p, top_k, return_logits, topk):
-  """Samples one token per row from `logits` [B,V]; returns (per-step outputs, new done)."""
+def row_keys(rng, n_rows: int, first_row=0) -> jax.Array:
+  """The key of every response [n_rows]: fold_in(rng, r) for response r = prompt index * G + sample index.
+
+  Each response's randomness depends only on (prompt index, sample index, position) (step t of a row
+  draws from fold_in(its key, t)), so any batching of the same responses (static, continuous slots,
+  rollout.microbatches slices given their `first_row`, G shared prefills or none) samples the same tokens.
+  """
+  return jax.vmap(lambda r: jax.random.fold_in(rng, r))(first_row + jnp.arange(n_rows))
+
+
+def _choose(logits, t, live, keys, stop_ids, pad_id, temperature, top_p, top_k, return_logits, topk):
+  """Samples one token per row from `logits` [B,V] at response positions t (scalar or [B]) with the rows'
+  keys [B]; returns (per-step outputs, stopped [B]). Rows that are not `live` emit pad / mask 0."""
   lp = processed_logprobs(logits, temperature, top_p, top_k)
-  tok = jax.random.categorical(jax.random.fold_in(rng, t), lp, axis=-1).astype(jnp.int32)
+  t = jnp.broadcast_to(t, live.shape)
+  u = jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i)))(keys, t)  # one draw per row
+  tok = inverse_cdf(lp, u)
   tok_lp = jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
-  live = ~done
   tok = jnp.where(live, tok, pad_id)
   out = {"tokens": tok, "mask": live.astype(jnp.float32), "logp": jnp.where(live, tok_lp, 0.0)}
   if return_logits:
     out["logits"] = logits.astype(jnp.float32)
   if topk:
     out["topk_logp"], out["topk_ids"] = jax.lax.top_k(lp, topk)
-  stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-  return out, done | (live & stopped)
+  return out, live & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
 
 def _decode(step, carry0, done_of, T: int, loop: str, pad_id):
@@ -120,24 +132,31 @@ def _broadcast_cache(model, cache, group_size: int, n_prompts: int, max_len: int
   return jax.tree.map(rep, cache, small, big)
 
 
-def _sample_impl(graphdef, params, prompt, prompt_mask, rng, stop_ids, pad_id, *, max_new_tokens,
-                 temperature, top_p, top_k, numerics, kernel, return_logits, topk, group_size, loop):
+def _sample_impl(graphdef, params, prompt, prompt_mask, rng, stop_ids, pad_id, first_row, *, max_new_tokens,
+                 temperature, top_p, top_k, numerics, kernel, return_logits, topk, group_size, loop, slots):
   model = nnx.merge(graphdef, params)
-  P, T = prompt.shape[1], max_new_tokens
+  (B, P), T = prompt.shape, max_new_tokens
   if P + T > model.cfg.max_len:
     raise ValueError(f"prompt length {P} + max_new_tokens {T} exceeds model.max_len {model.cfg.max_len}")
-  choose = functools.partial(_choose, rng=rng, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
+  choose = functools.partial(_choose, stop_ids=stop_ids, pad_id=pad_id, temperature=temperature,
                              top_p=top_p, top_k=top_k, return_logits=return_logits, topk=topk)
-  decode = _decode_cached if kernel == "cached" else _decode_full
-  outs, done, routes = decode(model, prompt, prompt_mask, choose, T=T, numerics=numerics, group_size=group_size,
-                              loop=loop, pad_id=pad_id)
-  bt = lambda x: None if x is None else jnp.moveaxis(x, 0, 1)  # [T,B,...] -> [B,T,...]
+  keys = row_keys(rng, B, first_row)
+  if slots:
+    outs, done, routes = continuous.decode_continuous(model, prompt, prompt_mask, choose, keys, T=T,
+                                                      numerics=numerics, group_size=group_size, slots=slots,
+                                                      pad_id=pad_id)
+    bt = lambda x: x
+  else:
+    decode = _decode_cached if kernel == "cached" else _decode_full
+    outs, done, routes = decode(model, prompt, prompt_mask, choose, keys, T=T, numerics=numerics,
+                                group_size=group_size, loop=loop, pad_id=pad_id)
+    bt = lambda x: None if x is None else jnp.moveaxis(x, 0, 1)  # [T,B,...] -> [B,T,...]
   return SampleOutput(tokens=bt(outs["tokens"]), mask=bt(outs["mask"]), logp=bt(outs["logp"]),
                       logits=bt(outs.get("logits")), topk_logp=bt(outs.get("topk_logp")),
                       topk_ids=bt(outs.get("topk_ids")), routes=routes, clipped=~done)
 
 
-def _decode_cached(model, prompt, prompt_mask, choose, *, T, numerics, group_size, loop, pad_id):
+def _decode_cached(model, prompt, prompt_mask, choose, keys, *, T, numerics, group_size, loop, pad_id):
   """KV-cached decoding: one prefill per group (its rows share the prompt), then T one-token forwards.
 
   The cache is created inside this program, so the loop carry updates it in place: no copies, nothing
@@ -158,7 +177,8 @@ def _decode_cached(model, prompt, prompt_mask, choose, *, T, numerics, group_siz
 
   def step(carry, t):
     cache, logits, done = carry
-    out, done = choose(logits, t, done)
+    out, stopped = choose(logits, t, ~done, keys)
+    done = done | stopped
     # Feed the new token; the routes of this forward are the response token's expert choices.
     h, cache, aux = model.hidden(out["tokens"][:, None], (n_valid + t)[:, None], jnp.ones((B, 1), bool),
                                  numerics=numerics, cache=cache)
@@ -171,7 +191,7 @@ def _decode_cached(model, prompt, prompt_mask, choose, *, T, numerics, group_siz
   return outs, done, routes
 
 
-def _decode_full(model, prompt, prompt_mask, choose, *, T, numerics, group_size, loop, pad_id):
+def _decode_full(model, prompt, prompt_mask, choose, keys, *, T, numerics, group_size, loop, pad_id):
   """Reference decoding without a cache: each step re-runs the whole [B, P+T] buffer (O(T^2) work).
 
   Same outputs as `_decode_cached` (the test of the cache); MoE routes come from one final forward.
@@ -187,7 +207,8 @@ def _decode_full(model, prompt, prompt_mask, choose, *, T, numerics, group_size,
     h, _, _ = model.hidden(buf, positions_from_valid(valid), valid, numerics=numerics)
     logits = model.unembed(jax.lax.dynamic_index_in_dim(h, P - 1 + t, axis=1, keepdims=False),
                            numerics=numerics)
-    out, done = choose(logits, t, done)
+    out, stopped = choose(logits, t, ~done, keys)
+    done = done | stopped
     buf = jax.lax.dynamic_update_slice(buf, out["tokens"][:, None], (0, P + t))
     return (buf, done), out
 
@@ -203,7 +224,7 @@ def _decode_full(model, prompt, prompt_mask, choose, *, T, numerics, group_size,
 _sample_jit = jax.jit(
     _sample_impl, static_argnums=(0,),
     static_argnames=("max_new_tokens", "temperature", "top_p", "top_k", "numerics", "kernel",
-                     "return_logits", "topk", "group_size", "loop"))
+                     "return_logits", "topk", "group_size", "loop", "slots"))
 
 
 def stop_id_array(eos_id: int | Sequence[int]) -> jax.Array:
@@ -217,13 +238,15 @@ def stop_id_array(eos_id: int | Sequence[int]) -> jax.Array:
 def sample(graphdef, params, prompt, prompt_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, eos_id: int | Sequence[int] = 2, pad_id: int = 0,
            numerics: Numerics = LEARNER, kernel: str = "cached", return_logits: bool = False,
-           topk: int = 0, group_size: int = 1, loop: str = "while") -> SampleOutput:
+           topk: int = 0, group_size: int = 1, loop: str = "while", slots: int = 0,
+           first_row: int = 0) -> SampleOutput:
   """Samples up to `max_new_tokens` response tokens per prompt (one compiled program per shape/settings).
 
   Args:
     graphdef, params: from `nnx.split(model)` (params: the nnx.State, possibly sharded).
     prompt: [B,P] int32, LEFT padded; prompt_mask: [B,P] (0 on the left padding).
-    rng: a PRNG key; the output is a deterministic function of it. Step t uses fold_in(rng, t).
+    rng: a PRNG key; the output is a deterministic function of it. Response r (row r + first_row of the
+      whole batch) draws its token t with fold_in(fold_in(rng, r), t): one uniform, inverse CDF.
     max_new_tokens: T (the output's static length).
     temperature / top_p / top_k: see `sampling.processed_logprobs`.
     eos_id: one stop id or a sequence of them (any one ends a row); after it a row emits `pad_id` with
@@ -235,6 +258,9 @@ def sample(graphdef, params, prompt, prompt_mask, rng, *, max_new_tokens: int, t
     group_size: G; rows i*G .. i*G+G-1 must hold the same prompt: the cached kernel prefills it once
       and broadcasts its KV cache (same outputs as G = 1, G times less prefill).
     loop: "while" (stop once every row has stopped) or "scan" (always T steps).
+    slots: 0 = static batch (all B rows decode together); S in 1..B = continuous batching in S decode
+      slots (trm_jax/rollout/continuous.py; same outputs, cached kernel and while loop only).
+    first_row: index of row 0 in the whole batch (rollout.microbatches slices), traced.
   """
   check_sampling_args(temperature, top_p, top_k)
   if kernel not in KERNELS:
@@ -243,13 +269,16 @@ def sample(graphdef, params, prompt, prompt_mask, rng, *, max_new_tokens: int, t
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
   if max_new_tokens <= 0 or topk < 0:
     raise ValueError(f"max_new_tokens must be > 0 and topk >= 0, got {max_new_tokens}, {topk}")
+  if slots and (slots < 0 or kernel != "cached" or loop != "while"):
+    raise ValueError(f"slots={slots}: continuous batching needs slots >= 0, kernel 'cached' and loop 'while'")
   if group_size < 1 or prompt.shape[0] % group_size:
     raise ValueError(f"group_size must be >= 1 and divide the batch {prompt.shape[0]}, got {group_size}")
   return _sample_jit(graphdef, params, jnp.asarray(prompt, jnp.int32), jnp.asarray(prompt_mask).astype(bool),
-                     rng, stop_id_array(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
+                     rng, stop_id_array(eos_id), jnp.int32(pad_id), jnp.int32(first_row),
+                     max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), numerics=numerics,
                      kernel=kernel, return_logits=bool(return_logits), topk=int(topk),
-                     group_size=int(group_size), loop=loop)
+                     group_size=int(group_size), loop=loop, slots=min(int(slots), prompt.shape[0]))
 
 
 def sample_groups(graphdef, params, prompt, prompt_mask, rng, *, group_size: int, **kwargs) -> SampleOutput:

@@ -108,3 +108,37 @@ def processed_logprobs(logits: jax.Array, temperature: float = 1.0, top_p: float
     top_k: >= 0.
   """
   return jax.nn.log_softmax(processed_logits(logits, temperature, top_p, top_k), axis=-1)
+
+
+# Inverse-CDF sampling searches the vocabulary in blocks of this many tokens: block masses, then one block.
+CDF_BLOCK = 256
+
+
+def _first_above(cum: jax.Array, target: jax.Array, mass: jax.Array) -> jax.Array:
+  """Index of the first entry of the running sum `cum` [B,N] above `target` [B], never one with zero
+  `mass` (a rounding guard: with u < 1 the search cannot run past the last token that has mass)."""
+  i = jnp.sum(cum <= target[:, None], axis=-1)
+  last = cum.shape[-1] - 1 - jnp.argmax((mass > 0)[:, ::-1], axis=-1)
+  return jnp.minimum(i, last).astype(jnp.int32)
+
+
+def inverse_cdf(logprobs: jax.Array, u: jax.Array, block: int = CDF_BLOCK) -> jax.Array:
+  """Token ids [B] int32 drawn from exp(logprobs) [B,V] with ONE uniform u [B] in [0, 1) per row.
+
+  token = min{j : sum_{i<=j} p_i > u * sum_i p_i}: the inverse of the CDF, found in two levels (the block
+  whose running mass passes the target, then the token inside it), so the work is O(V) plus two prefix
+  sums of ~sqrt(V) entries, and the random bits are one word per row instead of one per vocabulary entry
+  (Gumbel-max, `jax.random.categorical`). Tokens with probability 0 (top-k / top-p) are never drawn.
+  """
+  B, V = logprobs.shape
+  nb = -(-V // block)
+  p = jnp.exp(logprobs.astype(jnp.float32))
+  p = jnp.pad(p, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
+  mass = jnp.sum(p, axis=-1)  # [B, nb]
+  cum = jnp.cumsum(mass, axis=-1)
+  target = u * cum[:, -1]
+  blk = _first_above(cum, target, mass)
+  before = jnp.where(blk > 0, jnp.take_along_axis(cum, jnp.maximum(blk - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  pb = jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+  inner = _first_above(jnp.cumsum(pb, axis=-1), target - before, pb)
+  return blk * block + inner
