@@ -126,6 +126,10 @@ def default_config() -> ml_collections.ConfigDict:
   # rows (the same single step and numbers, less activation memory); batch statistics stay whole-batch ones
   # (a no-grad pass fixes them, so > 1 takes the two-pass path). rl.minibatches = separate optimizer steps.
   c.learner.microbatches = 1
+  # none | auto. auto: sequence packing (trm_jax/packing.py): the rows' real tokens are packed into fewer rows
+  # (segment ids, per-segment RoPE positions), the per-token pass runs over their response slots, results go
+  # back to [B, T]; planned per batch on the host, padded where it saves no rows. Fused update only.
+  c.learner.packing = "none"
 
   c.bounds = ml_collections.ConfigDict()
   c.bounds.certify_update = False  # one post-update forward on the batch: bounds/certified_improvement = L'(theta') - B*
@@ -310,6 +314,11 @@ def _validate_learner_rollout_optim(config):
          "applied twice; use rl.ratio_base='learner' (decoupled PPO: the IS weight corrects rollout -> proximal)")
   _check(config.learner.chunk_size >= 0, "learner.chunk_size", "must be >= 0")
   _check(config.learner.attention_block >= 0, "learner.attention_block", "must be >= 0 (0 = all queries at once)")
+  _one_of(config, "learner.packing", ("none", "auto"))
+  _check(config.learner.packing == "none" or (config.learner.fuse and config.learner.microbatches == 1
+                                               and config.rl.epochs * config.rl.minibatches == 1),
+         "learner.packing", "applies to the fused update only (learner.fuse, 1 epoch x 1 minibatch, "
+         "learner.microbatches = 1); use 'none' otherwise")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     _check(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (auto) or >= 1, got {size}")

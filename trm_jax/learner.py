@@ -25,6 +25,7 @@ from flax import nnx
 from trm_jax import advantages as advantages_lib
 from trm_jax import certificate, divergence, losses, masking
 from trm_jax import logprobs as lp
+from trm_jax import packing as pk_lib
 from trm_jax.guard import GUARD_KEYS, all_finite, guarded_update  # noqa: F401 (learner.guarded_update)
 from trm_jax import sharding as sharding_lib
 from trm_jax.rollout.backends import RolloutBackend
@@ -176,12 +177,13 @@ def _mismatch_metrics(stats, est, exact, rollout_logp, mask, denom) -> dict:
   return metrics
 
 
-def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask, reward_range) -> dict:
+def post_update_certificate(cfg, learner, batch: RolloutBatch, side, aux_roll, seq_mask, reward_range,
+                            packing=None) -> dict:
   """The certificate of the UPDATED policy theta' on the same batch (paper section 2), one no-grad forward:
   bounds/certified_improvement = L'(theta') - B*(theta' vs pi_roll) over every row with a token, with its
   standard error; bounds/accepted/* the same restricted to the rows the mask kept (selection-biased, no
   guarantee: bounds/accepted/selected_margin). The math is certificate.post_update_metrics."""
-  stats, _ = learner_stats(cfg, learner, batch, side, aux_roll, grad_logp=False)
+  stats, _ = learner_stats(cfg, learner, batch, side, aux_roll, grad_logp=False, packing=packing)
   stats = jax.tree.map(jax.lax.stop_gradient, stats)
   mask = batch.response_mask.astype(jnp.float32)
   exact = {k: jnp.where(mask > 0, stats[k], 0.0) for k in ("kl", "tv") if k in stats}
@@ -226,7 +228,8 @@ def accumulated_value_and_grad(loss_fn, params, mb, k: int, aggregation: str, gr
 
 
 def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state: TrainState, batch: RolloutBatch,
-                   rollout_params, reward_range=(0.0, 1.0), grad_shardings=None) -> tuple[TrainState, dict]:
+                   rollout_params, reward_range=(0.0, 1.0), grad_shardings=None,
+                   packing=None) -> tuple[TrainState, dict]:
   """The whole update (see module docstring). Pure; `make_learner_step` jits it with shardings.
 
   One epoch and one minibatch (the default): FUSED, a single learner forward gives the per-token
@@ -235,15 +238,19 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   advantages and behaviour log-probs, then epochs x minibatches optimizer steps (lax.scan), each one's
   gradient summed over learner.microbatches slices (> 1 therefore takes this path: the statistics of the
   whole batch must be fixed before any slice's gradient).
+  `packing` (a packing.Packing, learner.packing; fused path only): the learner and recompute forwards run on
+  packed rows, the statistics come back as [B, T].
   """
   k = cfg.learner.microbatches
   fused = cfg.learner.fuse and cfg.rl.epochs * cfg.rl.minibatches == 1 and k == 1
   # With k > 1 the statistics pass also runs in k row slices, unless a full-batch rollout side is needed later.
   sliced = not fused and k > 1 and not truncated(cfg) and not cfg.bounds.certify_update
-  side, aux_roll = (None, {}) if sliced else rollout_side(cfg, model_def, rollout_params, batch, backend)
+  packing = packing if fused else None
+  side, aux_roll = (None, {}) if sliced else rollout_side(cfg, model_def, rollout_params, batch, backend, packing)
   if fused:
     def loss_fn(params):
-      stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True)
+      stats, extra = learner_stats(cfg, model_def.merge(params), batch, side, aux_roll, grad_logp=True,
+                                   packing=packing)
       targets, metrics = analyse(cfg, stats, extra, batch, reward_range)
       mb = dict(targets, response_mask=batch.response_mask.astype(jnp.float32))
       loss, aux = policy_loss(cfg, stats["learner_logp"], mb)
@@ -280,7 +287,7 @@ def learner_update(cfg, model_def: ModelDef, tx, backend: RolloutBackend, state:
   if cfg.bounds.certify_update:  # the certificate of the updated policy, in the same compiled program
     seq_mask = targets_seq_mask if not fused else seq_mask_fused
     metrics.update(post_update_certificate(cfg, model_def.merge(params), batch, side, aux_roll, seq_mask,
-                                           reward_range))
+                                           reward_range, packing))
   new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
   # A non-finite policy can yield empty responses whose statistics look perfect (kl 0, accept 1): report
   # every number as NaN instead, so a curve never shows a broken policy as a healthy one.
@@ -330,18 +337,20 @@ def make_learner_step(cfg, model_def, tx, backend, mesh, param_shardings, opt_sh
   state_sh = TrainState(params=param_shardings, opt_state=opt_shardings, step=sharding_lib.replicated(mesh))
   out_sh = (state_sh, sharding_lib.replicated(mesh))
   # The batch arrives already sharded on its batch axis (sharding.shard_batch); None keeps that.
-  def fn(*args):
+  def fn(*args, packing=None):
     # Traced under the mesh, so the layer scan's hidden state and remat residuals are batch-sharded over
     # data x fsdp and D over tensor (models.transformer.constrain_batch_axis), each layer's weights gathered
     # over fsdp before use (models.transformer.gather_fsdp: the workaround for an XLA partitioner bug).
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return learner_update(cfg, model_def, tx, backend, *args, reward_range=tuple(reward_range),
-                            grad_shardings=param_shardings)
+                            grad_shardings=param_shardings, packing=packing)
 
-  if stale:
-    return jax.jit(fn, in_shardings=(state_sh, None, param_shardings), out_shardings=out_sh, donate_argnums=(0,))
-
-  def fresh(state, batch):
-    return fn(state, batch, state.params)
-
-  return jax.jit(fresh, in_shardings=(state_sh, None), out_shardings=out_sh, donate_argnums=(0,))
+  rest_sh = (param_shardings,) if stale else ()
+  jit = lambda f, extra=(): jax.jit(f, in_shardings=(state_sh, None) + extra + rest_sh, out_shardings=out_sh,
+                                    donate_argnums=(0,))
+  padded = jit(fn if stale else (lambda state, batch: fn(state, batch, state.params)))
+  if cfg.learner.packing == "none":
+    return padded
+  # learner.packing: the layout is planned per batch on the host (pk_lib.PackedStep), a traced argument.
+  packed = jit((lambda state, batch, pk, *rest: fn(state, batch, *(rest or (state.params,)), packing=pk)), (None,))
+  return pk_lib.PackedStep(padded, packed, mesh, cfg.learner.chunk_size)

@@ -149,6 +149,8 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
     rollout_side: how to get the rollout distribution of a chunk, one of
       ("recompute", rollout_model, h_rollout [B,T,D], rollout_numerics)  exact, never stored whole;
       ("stored", logits [B,T,V])                                          exact, memory heavy;
+      ("stored_rows", logits [B,T,V], rows [B',T'], times [B',T'])        the same, h_learner [B',T',D] at
+                                                                          those (row, time) (packing.py);
       ("topk", topk_logp [B,T,K], topk_ids [B,T,K])                       bounds (see divergence);
       None                                                                sampled estimators only.
   Returns:
@@ -170,6 +172,13 @@ def token_stats(learner, h_learner, tokens, *, learner_numerics, sampling, chunk
       return exact_chunk(logits_c, logits(h_c), tok_c, sampling)
 
     extra = (rollout_side[1],)
+  elif kind == "stored_rows":  # packed response slots: stored [B,T,V] logits gathered per chunk
+    stored = rollout_side[1]
+
+    def one(h_c, tok_c, b_c, t_c):
+      return exact_chunk(stored.at[b_c, t_c].get(mode="clip"), logits(h_c), tok_c, sampling)
+
+    extra = (rollout_side[2], rollout_side[3])
   elif kind == "topk":
     def one(h_c, tok_c, tl_c, ti_c):
       b = logits(h_c)

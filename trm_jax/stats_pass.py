@@ -6,6 +6,7 @@
                  MoE routing-flip fraction (logprobs.token_stats, divergence.routing_flip_frac)
   sliced_stats   the same over k row slices in sequence (learner.microbatches): the pass holds B / k rows, the
                  statistics are the whole batch's (per-row arrays concatenated, the flip fraction token-weighted)
+With a `packing` layout (learner.packing) both forwards run on packed rows (trm_jax/packing.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from trm_jax import divergence
 from trm_jax import logprobs as lp
+from trm_jax import packing as pk_lib
 from trm_jax.models import LEARNER, Numerics
 from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
@@ -30,15 +32,20 @@ def learner_numerics(cfg) -> Numerics:
   return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype, query_block=block)
 
 
-def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend):
-  """How token_stats gets the rollout distribution (trm.source), plus the rollout forward's aux."""
+def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend, packing=None):
+  """How token_stats gets the rollout distribution (trm.source), plus the rollout forward's aux.
+  `packing` (a packing.Packing): the recompute forward runs on the packed rows; the side stays padded
+  otherwise (learner_stats moves it to the response slots)."""
   source = cfg.trm.source
   if source == "recompute":  # one extra forward under the backend's numerics; no [B,T,V] stored
     roll_model = model_def.merge(rollout_params)
     # Attention in the learner's query blocks: the same per-row computation, so the same rollout numbers.
     numerics = dataclasses.replace(backend.numerics, query_block=int(cfg.learner.attention_block))
-    h_roll, aux_roll = lp.response_hidden(roll_model, batch.prompt, batch.prompt_mask, batch.response,
-                                          batch.response_mask, numerics=numerics)
+    if packing is not None:
+      h_roll, aux_roll = pk_lib.packed_hidden(roll_model, packing, batch.prompt, batch.response, numerics=numerics)
+    else:
+      h_roll, aux_roll = lp.response_hidden(roll_model, batch.prompt, batch.prompt_mask, batch.response,
+                                            batch.response_mask, numerics=numerics)
     return ("recompute", roll_model, jax.lax.stop_gradient(h_roll), backend.numerics), aux_roll
   if source == "stored":
     return ("stored", batch.rollout_logits), {}
@@ -47,19 +54,31 @@ def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: R
   return None, {}
 
 
-def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_logp: bool):
+def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_logp: bool, packing=None):
   """One chunked pass of the learner: per-token log-probs (differentiable if grad_logp), entropy and
-  the exact divergences against the rollout side; plus the MoE routing-flip fraction."""
-  h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
-                              numerics=learner_numerics(cfg), remat=cfg.learner.remat)
-  stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), batch.response,
-                         learner_numerics=learner_numerics(cfg),
+  the exact divergences against the rollout side; plus the MoE routing-flip fraction.
+
+  `packing` (learner.packing): the body runs on packed rows and the per-token pass on their response slots
+  (trm_jax/packing.py); the statistics come back as [B, T], as the padded path's."""
+  numerics, T = learner_numerics(cfg), batch.response.shape[1]
+  if packing is None:
+    h, aux = lp.response_hidden(learner, batch.prompt, batch.prompt_mask, batch.response, batch.response_mask,
+                                numerics=numerics, remat=cfg.learner.remat)
+    tokens = batch.response
+    valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
+  else:
+    h, aux = pk_lib.packed_hidden(learner, packing, batch.prompt, batch.response, numerics=numerics,
+                                  remat=cfg.learner.remat)
+    tokens, side, valid = pk_lib.gather_rows(batch.response, packing), pk_lib.pack_side(side, packing), packing.valid
+  stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), tokens,
+                         learner_numerics=numerics,
                          sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
-                         chunk=lp.default_chunk(batch.response.shape[1], cfg.learner.chunk_size),
+                         chunk=lp.default_chunk(T, cfg.learner.chunk_size),
                          rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat != "none")
+  if packing is not None:
+    stats = {k: pk_lib.unpack(v, packing, *batch.response.shape) for k, v in stats.items()}
   extra = {}
   if "routes" in aux and "routes" in aux_roll:
-    valid = jnp.concatenate([batch.prompt_mask, batch.response_mask], axis=1) > 0
     extra["moe/routing_flip_frac"] = divergence.routing_flip_frac(aux["routes"], aux_roll["routes"], valid)
   return stats, extra
 

@@ -47,6 +47,7 @@ from experiments.benchmarks import hf_load as bhl
 from experiments.benchmarks import learner as bl
 from experiments.benchmarks import memory as bm
 from experiments.benchmarks import sampler as bs
+from experiments.benchmarks import skewed as bsk
 from experiments.benchmarks.timing import log
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,9 @@ PRESENT = tuple(k for k, (mod, _) in OPTIONAL_PARTS.items() if importlib.util.fi
 PUBLIC_KEYS = ("trm_overhead_estimator", "trm_overhead_exact", "trm_overhead_exact_qwen_shape",
                "memory_naive_over_ours", "sampler_speedup_vs_recompute", "sampler_speedup_vs_transformers",
                "sampler_prefill_share_speedup", "learner_peak_fraction", "learner_speedup_vs_torch",
-               "moe_sparse_speedup")
-PARTS = ("overhead", "memory", "sampler", "throughput", "scaling", "peers", "compile", "hf_load") + PRESENT
+               "moe_sparse_speedup", "learner_skewed_speedup")
+PARTS = ("overhead", "memory", "sampler", "throughput", "skewed", "scaling", "peers", "compile",
+         "hf_load") + PRESENT
 
 TINY_DIMS = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 # overhead model: the 32k vocabulary the exact-KL target is stated for, small blocks so CPU time is sane
@@ -80,6 +82,7 @@ MODES = {
         memory_grid=[(1, t, v) for t in (256, 512) for v in (1024, 2048)], memory_D=64, memory_ref=(512, 1024),
         sampler=dict(dims=TINY_DIMS, V=512, B=2, P=4, Ts=(8,)), sampler_repeats=1, sampler_full_repeats=1,
         throughput=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=512), throughput_repeats=1,
+        skewed=dict(dims=TINY_DIMS, B=16, G=2, P=4, T=32, V=512), skewed_repeats=1,
         scaling=dict(dims=TINY_DIMS, B=8, G=2, P=4, T=8, V=64), scaling_counts=(1, 2), scaling_repeats=1),
     "quick": dict(
         overhead=dict(dims=OVERHEAD_DIMS, B=2, G=2, P=16, T=256, V=32768), overhead_repeats=7,
@@ -89,6 +92,7 @@ MODES = {
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256)), sampler_repeats=2,
         sampler_full_repeats=1,
         throughput=dict(dims=THROUGHPUT_DIMS, B=2, G=2, P=16, T=512, V=32000), throughput_repeats=3,
+        skewed=dict(dims=OVERHEAD_DIMS, B=20, G=2, P=16, T=512, V=32000), skewed_repeats=3,
         scaling=dict(dims=SCALING_DIMS, B=8, G=2, P=8, T=64, V=256), scaling_counts=(1, 2, 4, 8),
         scaling_repeats=2),
     "full": dict(
@@ -99,13 +103,14 @@ MODES = {
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256, 512, 1024)), sampler_repeats=3,
         sampler_full_repeats=1,
         throughput=dict(dims=THROUGHPUT_DIMS, B=4, G=2, P=16, T=1024, V=32000), throughput_repeats=5,
+        skewed=dict(dims=THROUGHPUT_DIMS, B=40, G=2, P=16, T=1024, V=32000), skewed_repeats=5,
         scaling=dict(dims=SCALING_DIMS, B=16, G=2, P=8, T=128, V=256), scaling_counts=(1, 2, 4, 8),
         scaling_repeats=5),
 }
 
 TARGETS = {"trm_overhead_estimator": 1.03, "trm_overhead_exact": 1.10, "trm_overhead_exact_qwen_shape": 1.05,
            "memory_naive_over_ours": 10.0,
-           "learner_peak_fraction": 0.40}
+           "learner_peak_fraction": 0.40, "learner_skewed_speedup": 1.6}
 
 
 def _git() -> dict:
@@ -190,6 +195,15 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
       peak16 = bl.matmul_peak(n_list=(2048, 4096, 8192), dtype=jnp.bfloat16)
       res["peak_bf16"] = peak16
       res["learner_mfu_bf16_peak"] = thr["achieved_flops_per_s"] / peak16["flops_per_s"]
+
+  if "skewed" in parts:
+    sk = m["skewed"]
+    log(f"skewed: packed / padded learner update [B={sk['B']} P={sk['P']} T={sk['T']} V={sk['V']} "
+        f"d={sk['dims']['d_model']} L={sk['dims']['n_layers']}]; lengths: {bsk.LENGTHS_DOC}")
+    res["skewed"] = bsk.bench_skewed(sk, m["skewed_repeats"])
+    res["learner_skewed_speedup"] = res["skewed"]["speedup"]
+    log(f"skewed: median length {res['skewed']['median_length']:.0f}, real tokens "
+        f"{res['skewed']['real_fraction']:.0%} of B x T, packed rows {res['skewed']['packed_rows']}")
 
   if "scaling" in parts:
     log(f"5/5 scaling over {m['scaling_counts']} fake CPU devices (subprocess)")
@@ -300,6 +314,12 @@ def table_rows(res: dict) -> list:
     add(f"HF load, max bytes read per process / checkpoint ({hl['hf_load_processes']} processes, "
         f"{hl['hf_load_checkpoint_mb']:.0f} MB)", hl["hf_load_bytes_read_frac"], "-", None)
     add("  peak anonymous memory growth per process / checkpoint", hl["hf_load_anon_growth_frac"], "-", None)
+  sk = res.get("skewed")
+  if sk:
+    sh = sk["shape"]
+    add(f"Learner skewed lengths: padded / packed update [B={sh['B']} T={sh['T']} V={sh['V']} "
+        f"d={sh['dims']['d_model']}; 10% at T, median {sk['median_length']:.0f}]", sk["speedup"], ">= 1.6",
+        sk["speedup"] >= 1.6, "{:.2f}")
   sc = res.get("scaling")
   if sc:
     loss = abs(next(iter(sc["loss"].values())))
