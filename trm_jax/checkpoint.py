@@ -42,6 +42,7 @@ ALLOWED_CHANGES = (
     "data.data_dir", "data.math_manual_dir", "data.num_threads", "data.prefetch",
     "mesh.*", "distributed.*",  # orbax reshards on restore: the global shapes do not depend on the mesh
     "learner.chunk_size", "learner.remat", "learner.microbatches",  # memory layout of the same computation
+    "rollout.microbatches", "rollout.slots",  # the same samples (each response keyed by its row), other batching
     "bounds.certify_update",  # extra logged metrics only
 )
 

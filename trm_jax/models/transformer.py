@@ -213,14 +213,18 @@ class Transformer(nnx.Module):
       raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
     key_valid = valid if cache is None else write_rows(cache.valid, valid, cache.index)
     index = None if cache is None else cache.index
-    body = self._layer_body(numerics, tokens, positions, key_valid, index, segment_ids)
+    body = self._layer_body(numerics, tokens, positions, key_valid, index, segment_ids, cache)
     if remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not c.scan_layers)
-    carry = (x, None if cache is None else cache.k, None if cache is None else cache.v)
-    (x, ck, cv), routes = self._run_layers(body, carry)
+    x, ys = self._run_layers(body, x)
     h = self.final_norm(x, numerics)
+    routes = ys
     if cache is not None:
-      cache = KVCache(k=ck, v=cv, valid=key_valid, index=cache.index + tokens.shape[1])
+      # Every layer's new keys / values written once, after the layer loop: carrying the whole cache through
+      # the scan made XLA copy it (all layers) in every layer of every decode step.
+      routes, k, v = ys
+      cache = KVCache(k=write_layers(cache.k, k, index), v=write_layers(cache.v, v, index), valid=key_valid,
+                      index=cache.index + tokens.shape[1])
     aux = {}
     if self.moe is not None:
       aux["routes"] = routes if self.mlp is None else routes[np.array(c.moe_layers)]
@@ -234,13 +238,14 @@ class Transformer(nnx.Module):
     for i in range(self.cfg.n_layers):
       carry, r = body(carry, jax.tree.map(lambda a: a[i], xs))
       outs.append(r)
-    return carry, jnp.stack(outs)
+    return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
-  def _layer_body(self, numerics, tokens, positions, key_valid, index, segment_ids=None):
-    """The scan body of one layer: (x, cache_k, cache_v), layer inputs -> new carry, MoE routes.
+  def _layer_body(self, numerics, tokens, positions, key_valid, index, segment_ids=None, cache=None):
+    """The scan body of one layer: x, layer inputs -> new x, MoE routes (and with a cache: the new tokens'
+    keys / values of this layer, which `hidden` writes into the cache after the loop).
 
-    Pre-norm residual block x += attn(norm(x)); x += mlp_or_moe(norm(x)). The KV cache (if any) gets
-    only the new tokens' slots, written in place inside the scan.
+    Pre-norm residual block x += attn(norm(x)); x += mlp_or_moe(norm(x)). Layer i reads its cache slice
+    from `cache` (loop-invariant) and attends to it with the new tokens inserted.
     """
     attn_def = nnx.graphdef(self.layers)
     mlp_def = None if self.mlp is None else nnx.graphdef(self.mlp)
@@ -267,18 +272,15 @@ class Transformer(nnx.Module):
       return jax.lax.cond(xs["is_moe"], lambda h: moe(h, take(moe_stack), i),
                           lambda h: dense(h, take(mlp_stack)), h)
 
-    def body(carry, xs):
-      x, ck, cv = carry
+    def body(x, xs):
       x = constrain_batch_axis(x)
       xs = gather_fsdp(xs)
       i, lyr = xs["i"], nnx.merge(attn_def, xs["attn"])
-      kv = None if ck is None else (ck[i], cv[i])
+      kv = None if cache is None else (cache.k[i], cache.v[i])
       a, (k, v) = lyr.attn(lyr.attn_norm(x, numerics), positions, key_valid, numerics, kv, index, segment_ids)
-      if ck is not None:
-        ck, cv = write_layer(ck, k, i, index), write_layer(cv, v, i, index)
       x = x + a
       m, routes = mixer(lyr.mlp_norm(x, numerics), xs, i)
-      return (constrain_batch_axis(x + m), ck, cv), routes
+      return constrain_batch_axis(x + m), (routes if cache is None else (routes, k, v))
 
     return body
 
@@ -305,13 +307,13 @@ class Transformer(nnx.Module):
     return self.unembed(h, numerics=numerics)
 
 
-def write_layer(buf: jax.Array, new: jax.Array, i, index: jax.Array) -> jax.Array:
-  """The layer-stacked cache buf [n_layers,B,S,...] with layer i's new keys / values [B,L,...] written in
-  place at each row's `index` (`layers.write_rows`)."""
+def write_layers(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """The layer-stacked cache buf [n_layers,B,S,...] with every layer's new keys / values [n_layers,B,L,...]
+  written in place at each row's `index` (one token: a per-row scatter; several: at row 0's index)."""
   new = new.astype(buf.dtype)
-  if new.shape[1] == 1:
-    return buf.at[i, jnp.arange(buf.shape[1]), index].set(new[:, 0], mode="promise_in_bounds")
-  return jax.lax.dynamic_update_slice(buf, new[None], (i, 0, index[0]) + (0,) * (buf.ndim - 3))
+  if new.shape[2] == 1:
+    return buf.at[:, jnp.arange(buf.shape[1]), index].set(new[:, :, 0], mode="promise_in_bounds")
+  return jax.lax.dynamic_update_slice(buf, new, (0, 0, index[0]) + (0,) * (buf.ndim - 3))
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
