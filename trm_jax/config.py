@@ -303,11 +303,11 @@ def _validate_learner_rollout_optim(config):
   _check(0 < config.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
   _check(config.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
   _check(config.rollout.microbatches >= 1, "rollout.microbatches", "must be >= 1")
+  _check(config.rollout.slots >= -1, "rollout.slots", "must be -1 (auto), 0 (static batch) or a number of slots")
   _check(config.optim.lr >= 0, "optim.lr", "must be >= 0")
   _check(config.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
   _one_of(config, "learner.dtype", ("float32", "bfloat16"))
-  _check(config.rollout.slots >= -1, "rollout.slots", "must be -1 (auto), 0 (static batch) or a number of slots")
   _one_of(config, "learner.remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
   _check(config.rl.ratio_base == "learner" or config.baseline.kind not in masking.IS_BASELINES, "rl.ratio_base",
          f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "

@@ -43,6 +43,7 @@ import time
 from experiments.benchmarks import peers as bp  # isort: skip
 from experiments import common
 from experiments.benchmarks import compile_time as bc
+from experiments.benchmarks import continuous as bcb
 from experiments.benchmarks import hf_load as bhl
 from experiments.benchmarks import learner as bl
 from experiments.benchmarks import memory as bm
@@ -61,7 +62,7 @@ PRESENT = tuple(k for k, (mod, _) in OPTIONAL_PARTS.items() if importlib.util.fi
 PUBLIC_KEYS = ("trm_overhead_estimator", "trm_overhead_exact", "trm_overhead_exact_qwen_shape",
                "memory_naive_over_ours", "sampler_speedup_vs_recompute", "sampler_speedup_vs_transformers",
                "sampler_prefill_share_speedup", "learner_peak_fraction", "learner_speedup_vs_torch",
-               "moe_sparse_speedup", "learner_skewed_speedup")
+               "moe_sparse_speedup", "learner_skewed_speedup", "sampler_continuous_speedup")
 PARTS = ("overhead", "memory", "sampler", "throughput", "skewed", "scaling", "peers", "compile",
          "hf_load") + PRESENT
 
@@ -81,6 +82,7 @@ MODES = {
         overhead_qwen=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=1024), overhead_qwen_repeats=2,
         memory_grid=[(1, t, v) for t in (256, 512) for v in (1024, 2048)], memory_D=64, memory_ref=(512, 1024),
         sampler=dict(dims=TINY_DIMS, V=512, B=2, P=4, Ts=(8,)), sampler_repeats=1, sampler_full_repeats=1,
+        continuous=dict(dims=TINY_DIMS, V=512, N=20, P=4, T=16, slots=4, repeats=1),
         throughput=dict(dims=TINY_DIMS, B=2, G=2, P=4, T=16, V=512), throughput_repeats=1,
         skewed=dict(dims=TINY_DIMS, B=16, G=2, P=4, T=32, V=512), skewed_repeats=1,
         scaling=dict(dims=TINY_DIMS, B=8, G=2, P=4, T=8, V=64), scaling_counts=(1, 2), scaling_repeats=1),
@@ -90,7 +92,7 @@ MODES = {
         memory_grid=[(b, t, v) for b in (1, 8) for t in (1024, 8192, 32768) for v in (32768, 151936)],
         memory_D=2048, memory_ref=(8192, 32768),
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256)), sampler_repeats=2,
-        sampler_full_repeats=1,
+        sampler_full_repeats=1, continuous=dict(dims=SAMPLER_DIMS, V=32000, N=80, P=16, T=256, slots=8, repeats=3),
         throughput=dict(dims=THROUGHPUT_DIMS, B=2, G=2, P=16, T=512, V=32000), throughput_repeats=3,
         skewed=dict(dims=OVERHEAD_DIMS, B=20, G=2, P=16, T=512, V=32000), skewed_repeats=3,
         scaling=dict(dims=SCALING_DIMS, B=8, G=2, P=8, T=64, V=256), scaling_counts=(1, 2, 4, 8),
@@ -101,7 +103,7 @@ MODES = {
         memory_grid=[(b, t, v) for b in (1, 2, 4, 8) for t in (1024, 8192, 32768) for v in (32768, 65536, 151936)],
         memory_D=2048, memory_ref=(8192, 32768),
         sampler=dict(dims=SAMPLER_DIMS, V=32000, B=4, P=16, Ts=(128, 256, 512, 1024)), sampler_repeats=3,
-        sampler_full_repeats=1,
+        sampler_full_repeats=1, continuous=dict(dims=SAMPLER_DIMS, V=32000, N=160, P=16, T=512, slots=16, repeats=5),
         throughput=dict(dims=THROUGHPUT_DIMS, B=4, G=2, P=16, T=1024, V=32000), throughput_repeats=5,
         skewed=dict(dims=THROUGHPUT_DIMS, B=40, G=2, P=16, T=1024, V=32000), skewed_repeats=5,
         scaling=dict(dims=SCALING_DIMS, B=16, G=2, P=8, T=128, V=256), scaling_counts=(1, 2, 4, 8),
@@ -110,7 +112,7 @@ MODES = {
 
 TARGETS = {"trm_overhead_estimator": 1.03, "trm_overhead_exact": 1.10, "trm_overhead_exact_qwen_shape": 1.05,
            "memory_naive_over_ours": 10.0,
-           "learner_peak_fraction": 0.40, "learner_skewed_speedup": 1.6}
+           "learner_peak_fraction": 0.40, "learner_skewed_speedup": 1.6, "sampler_continuous_speedup": 2.0}
 
 
 def _git() -> dict:
@@ -183,6 +185,10 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
                                 repeats=1 if small else 3, log=log)
     res["sampler_prefill_share"] = sp
     res["sampler_prefill_share_speedup"] = sp["speedup"]
+    c = m["continuous"]
+    log(f"3/5 continuous batching: {c['N']} responses, {c['slots']} slots, T {c['T']}, long-tailed lengths")
+    res["sampler_continuous"] = bcb.bench_continuous(log=log, **c)
+    res["sampler_continuous_speedup"] = res["sampler_continuous"]["speedup"]
 
   if "throughput" in parts:
     log("4/5 learner throughput (peak matmul first)")
@@ -295,6 +301,10 @@ def table_rows(res: dict) -> list:
         hf if hf is not None else smp["transformers"][:60], "> 1", None if hf is None else hf > 1, "{:.2f}")
     last = smp["rows"][-1]
     add(f"  sampler tokens/s at T={last['T']} (cached)", last["tokens_per_s"]["cached"], "-", None, "{:,.0f}")
+  cb = res.get("sampler_continuous")
+  if cb:
+    add(f"Sampler continuous / static tokens/s [{cb['N']} responses, {cb['slots']} slots, T={cb['T']}, median "
+        f"{cb['median_len']:.0f}, {cb['frac_at_T']:.0%} at T]", cb["speedup"], ">= 2.0", cb["speedup"] >= 2.0, "{:.2f}")
   thr = res.get("throughput")
   if thr:
     sh = thr["shape"]
