@@ -12,7 +12,8 @@ verl dp_actor.update_policy + rollout-correction sequence masks), with trm_jax's
   3. no grad: log rho = logp - rollout_logp; k2 = (log rho)^2 / 2, k3 = rho - 1 - log rho (rho clipped at
      e^{+-20} as trm_jax); M_i = [max_t k2 <= delta] * [mean_t k3 <= delta_avg] (verl seq_max_k2 AND
      seq_mean_k3 = TRM-Max & TRM-Avg with the co-released estimators)
-  4. GRPO advantages over the accepted members of each group (std ddof 1, eps 1e-6), rejected rows -> 0
+  4. GRPO advantages over all non-empty members of each group (std ddof 1, eps 1e-6), then rejected rows
+     weighted 0 (verl: advantages before the rollout-correction mask; trm_jax's rl.group_stats=all)
   5. PPO clip against the rollout log-probs (clip-higher 0.2 / 0.28), token weights M_i * mask,
      loss = sum / number of sequences (trm_jax's seq_total aggregation)
   6. loss.backward(); clip_grad_norm_(1.0); AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, wd 0).step()
@@ -92,7 +93,7 @@ class TorchTRMUpdate:
       k3_mean = (k3 * mask).sum(-1) / n_tok.clamp(min=1.0)
       seq_mask = ((k2_max <= self.delta) & (k3_mean <= self.delta_avg)).float()
       valid = seq_mask * (n_tok > 0).float()
-      adv = grpo(self.rewards, valid, self.G)
+      adv = grpo(self.rewards, (n_tok > 0).float(), self.G)
       weights = mask * seq_mask[:, None]
     ratio = torch.exp(torch.where(weights != 0, logp - self.old_logp, torch.zeros_like(logp)))
     a = adv[:, None]
