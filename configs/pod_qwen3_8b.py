@@ -81,6 +81,9 @@ def pod_settings(c):
   c.learner.microbatches = 8  # gradient accumulation: the same optimizer step in 8 slices of 64 rows
   c.learner.attention_block = 256  # scores [rows, heads, 256, P + T], not [rows, heads, P + T, P + T]
   c.rollout.microbatches = 2  # the KV cache of 256 rows at a time
+  # Static batch: continuous batching's refill gathers a prompt's prefill from another batch shard, and XLA
+  # then keeps the prompt caches whole per chip (v5e:16x16 planned 4.58 GiB against 2.61 GiB at T = 4096).
+  c.rollout.slots = 0
   return c
 
 
