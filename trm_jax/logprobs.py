@@ -18,7 +18,6 @@ import jax.numpy as jnp
 
 from trm_jax import divergence
 from trm_jax.models import sequence_inputs
-from trm_jax.models.transformer import constrain_rows
 from trm_jax.rollout.sampling import is_truncated, processed_logits
 
 
@@ -51,17 +50,14 @@ def map_chunks(fn: Callable, chunk: int, *arrays, remat: bool = False):
   body = jax.checkpoint(fn) if remat else fn
 
   def one(i):
-    # Rows pinned to the batch sharding in and out of every chunk (and so in the backward): XLA's partitioner
-    # otherwise mixed up the gradient rows with n = 4 chunks on data=2 x fsdp=2 x tensor=2.
-    out = body(*(None if x is None else constrain_rows(jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1))
-                 for x in arrays))
-    return jax.tree.map(constrain_rows, out)
+    return body(*(None if x is None else jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+                  for x in arrays))
 
   out = jax.lax.map(one, jnp.arange(n))
 
   def merge(y):  # [n, B, C, ...] -> [B, T, ...]
-    y = jnp.moveaxis(constrain_rows(y, axis=1), 0, 1)
-    return constrain_rows(y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :t])
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :t]
 
   return jax.tree.map(merge, out)
 

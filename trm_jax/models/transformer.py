@@ -85,20 +85,6 @@ def constrain_batch_axis(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
-def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
-  """Shards axis `axis` (the rows) of x over ("data", "fsdp") where it divides, the other axes replicated; under a mesh context only. Used on the learner's time chunks (logprobs.map_chunks): without it XLA's
-  partitioner got the backward of 4 chunks wrong on data=2 x fsdp=2 x tensor=2 (every gradient below the
-  unembedding off by ~100%, the loss right)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding_lib.BATCH) <= set(mesh.axis_names) or x is None or x.ndim <= axis:
-    return x
-  if x.shape[axis] % math.prod(mesh.shape[a] for a in sharding_lib.BATCH):
-    return x
-  spec = [None] * x.ndim
-  spec[axis] = sharding_lib.BATCH
-  return jax.lax.with_sharding_constraint(x, P(*spec))
-
-
 def constrain_kv(x: jax.Array) -> jax.Array:
   """Shards a KV-cache array [n_layers, B, S, n_kv_heads, head_dim]: B over ("data", "fsdp"), KV heads over
   "tensor" (each where it divides), under a mesh context; a no-op without one. Without it XLA kept the
