@@ -11,6 +11,12 @@ The mesh (fsdp=4 x tensor=2) puts parameter shards and batch rows on both proces
 gathers, gradient reductions and the batch assembly (each process reads only its rows) all cross
 the process boundary. The rollout backend is float32 with logit noise, so the mismatch is non-zero
 and no bf16 rounding amplifies the collectives' float32 differences.
+
+The warm start runs once, on 2 processes (`rl.steps=0` saves checkpoint 0 right after it), and both RL
+runs start from it (`warmstart.init_from`): 150 Adam steps turn the collectives' reduction-order
+differences into parameter differences of ~1e-5 relative, enough for the inverse-CDF draw
+(sampling.inverse_cdf) to pick another token somewhere in the first batch, after which the runs are
+different samples. The 2-process warm start itself is compared with a 1-process one (its losses).
 """
 import os
 import shutil
@@ -32,16 +38,16 @@ from trm_jax.data import pipeline
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One RL step after 150 warm-start steps: the first update already makes the parameters differ in the
-# last float32 bits (the collectives sum in another order), and a later categorical draw at a near-tie
-# may then pick another token, after which the runs are different samples (seen at step 2 here).
+# One RL step from the shared warm start: the first update already makes the parameters differ in the
+# last float32 bits (the collectives sum in another order), and a later draw near a CDF boundary may then
+# pick another token, after which the runs are different samples. 8 prompts x 4: a non-zero reward.
 STEPS = 1
 OVERRIDES = {
     "rl.steps": STEPS, "eval.every": STEPS, "checkpoint.every": 1,
     "checkpoint.keep": 3, "log.progress": False, "log.tensorboard": True, "log.plot": True,
     "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2,
     "rollout.backend.precision": "float32", "rollout.backend.attention": "standard",
-    "rollout.backend.logit_noise_scale": 0.05,
+    "rollout.backend.logit_noise_scale": 0.05, "rl.prompts_per_step": 8,
 }
 # The same samples and rewards (discrete) on both topologies...
 EXACT = ("reward/mean", "response_length/mean", "eval/reward_mean", "eval/solved_frac", "trm/accept_rate",
@@ -116,19 +122,38 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-  """(2-process workdir, 1-process workdir): the 2 processes run while this process runs the reference."""
-  two = str(tmp_path_factory.mktemp("two_processes"))
-  procs = _launch(two, data_dir, _free_port())
-  one = str(tmp_path_factory.mktemp("one_process"))
+def warm(tmp_path_factory, data_dir):
+  """(2-process, 1-process) warm-start workdirs: the 2 processes run while this process runs the same."""
+  two = str(tmp_path_factory.mktemp("warm_two"))
+  procs = _launch(two, data_dir, _free_port(), extra={"rl.steps": 0})
+  one = str(tmp_path_factory.mktemp("warm_one"))
   try:
-    trainer.train(_config(data_dir), one)
+    trainer.train(_config(data_dir, **{"rl.steps": 0}), one)
   finally:
     codes = _wait(procs, timeout=600)
-  logs = [open(os.path.join(two, f"process_{i}.log")).read() for i in range(2)]
+  _assert_exit_ok(two, codes)
+  return two, one
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir, warm):
+  """(2-process workdir, 1-process workdir, logs): both RL runs start from the 2-process warm start."""
+  extra = {"warmstart.init_from": warm[0]}
+  two = str(tmp_path_factory.mktemp("two_processes"))
+  procs = _launch(two, data_dir, _free_port(), extra=extra)
+  one = str(tmp_path_factory.mktemp("one_process"))
+  try:
+    trainer.train(_config(data_dir, **extra), one)
+  finally:
+    codes = _wait(procs, timeout=600)
+  return two, one, _assert_exit_ok(two, codes)
+
+
+def _assert_exit_ok(workdir, codes):
+  logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
   assert codes == [0, 0], f"exit codes {codes}; process 0 log tail:\n{logs[0][-3000:]}\n" \
                           f"process 1 log tail:\n{logs[1][-3000:]}"
-  return two, one, logs
+  return logs
 
 
 def _rows(workdir):
@@ -147,6 +172,14 @@ def _assert_rows_close(got, want):
       elif abs(g[k] - w[k]) > ATOL_FOR.get(k, ATOL) + (RTOL_POST if k.startswith(POST_UPDATE) else RTOL) * abs(w[k]):
         bad.append((abs(g[k] - w[k]) / max(abs(w[k]), 1e-30), g["step"], k, g[k], w[k]))
   assert not bad, "rel. error, step, metric, got, want:\n" + "\n".join(map(str, sorted(bad, reverse=True)[:10]))
+
+
+def test_two_process_warm_start_matches_one(warm):
+  two, one = (metrics_lib.read_jsonl(os.path.join(d, "warmstart", "metrics.jsonl")) for d in warm)
+  assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) > 1
+  np.testing.assert_allclose([r["warmstart/loss"] for r in two], [r["warmstart/loss"] for r in one], rtol=RTOL)
+  assert one[-1]["warmstart/loss"] < 0.9 * one[0]["warmstart/loss"]  # it learned
+  assert sorted(os.listdir(os.path.join(warm[0], "checkpoints"))) == ["0"]
 
 
 def test_two_processes_match_one(runs):
@@ -168,12 +201,12 @@ def test_only_process_0_writes_and_prints(runs):
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["0", "1"]
 
 
-def test_checkpoint_from_two_processes_resumes_on_one(runs, data_dir, tmp_path):
+def test_checkpoint_from_two_processes_resumes_on_one(runs, warm, data_dir, tmp_path):
   two, one, _ = runs
   workdir = str(tmp_path / "resumed")
   shutil.copytree(two, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # resume from step 0, redo step 1
-  trainer.train(_config(data_dir), workdir)
+  trainer.train(_config(data_dir, **{"warmstart.init_from": warm[0]}), workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))  # step 1 was redone, on 1 process
   redone = [r for r in _rows(workdir) if r["step"] == STEPS]  # (the trainer drops rows it redoes)
   _assert_rows_close(redone[-1:], [r for r in _rows(one) if r["step"] == STEPS])
