@@ -46,3 +46,31 @@ def test_all_reduce_of_a_sharded_contraction():
 def test_largest_buffers_orders_by_bytes():
   text = "%a = f32[4,4]{1,0} add(...)\n%b = bf16[2,1024]{1,0} copy(...)\n%c = s32[3]{0} iota()"
   assert hlo_stats.largest_buffers(text, k=2) == [(4096, "bf16[2,1024]"), (64, "f32[4,4]")]
+
+
+def test_computation_runs_counts_scan_bodies_and_profile_counts_dot_flops():
+  """A 7-step scan of x [16, 32] @ w [32, 48] (+ tanh), then one [16, 48] x [48, 8] dot outside: the scan
+  body runs 7 times per call; the dots' FLOPs are 7 x 2*16*32*48 and 2*16*48*8 (hand-computed)."""
+  from experiments.benchmarks import profile
+
+  def f(x, ws, v):
+    y = jax.lax.scan(lambda c, w: (jnp.tanh(x @ w) + c, None), jnp.zeros((16, 48)), ws)[0]
+    return y @ v
+
+  args = (jnp.ones((16, 32)), jnp.ones((7, 32, 48)), jnp.ones((48, 8)))
+  text = jax.jit(f).lower(*args).compile().as_text()
+  runs = hlo_stats.computation_runs(text)
+  insts = profile.parse_module(text)
+  kinds = profile.classify(insts)
+  dots = [(n, d) for n, d in insts.items() if d["op"] == "dot"]
+  assert sorted(d["flops"] for _, d in dots) == [2 * 16 * 48 * 8, 2 * 16 * 32 * 48]
+  in_loop = [d for _, d in dots if d["flops"] == 2 * 16 * 32 * 48][0]
+  assert runs[in_loop["computation"]] == 7
+  # a fake trace: 1 ms for every op the runtime executes (not those inside fusions) over 2 calls
+  fused = {c for d in insts.values() if d["op"] == "fusion" for c in d["calls"]}
+  times = {n: 1e-3 for n, d in insts.items() if d["computation"] not in fused and d["op"] != "parameter"}
+  s = profile.summarize(text, times, calls=2)
+  assert abs(s["dot_gflops_per_call"] * 1e9 - (7 * 2 * 16 * 32 * 48 + 2 * 16 * 48 * 8)) < 1
+  assert s["by_kind"]["dot"]["ms"] > 0
+  assert all(k in ("dot", "elementwise", "reduce", "copy / transpose", "scatter / gather",
+                   "dynamic slice / update") for k, _ in kinds.values())

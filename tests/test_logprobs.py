@@ -140,3 +140,28 @@ def test_exact_chunk_uses_one_exp_pass_per_side():
   big = [str(e.primitive) for e in eqns(jaxpr) if str(e.primitive) in ("exp", "exp2", "expm1", "log", "log1p")
          and e.outvars[0].aval.shape[-1:] == (4096,)]
   assert big == ["exp", "exp"], big
+
+
+def test_default_chunk_rule():
+  # explicit learner.chunk_size wins; without rows / vocab: min(T, 128) (the historic default)
+  assert lp.default_chunk(512, 48, rows=8, vocab=32768) == 48
+  assert lp.default_chunk(512, 0) == 128 and lp.default_chunk(40, 0) == 40
+  # small chunks of logits stay at min(T, 128): 64 rows x 64 x V 512 = 2.1M <= 4.2M elements
+  assert lp.default_chunk(64, 0, rows=64, vocab=512) == 64
+  # B 8, V 32768: 8 x 128 x 32768 = 33.6M > 4.2M; the largest power of two that fits is 16 (8 x 16 x 32768
+  # = 4.2M), and 8 x 16 = 128 rows already meet the matmul floor
+  assert lp.default_chunk(128, 0, rows=8, vocab=32768) == 16
+  # B 2, V 32000: fits at 65 -> 64; floor 64 -> 64
+  assert lp.default_chunk(512, 0, rows=2, vocab=32000) == 64
+  # B 2, V 151936: fits at 13 -> 8, but 2 x 8 rows is below the floor of 128: 64
+  assert lp.default_chunk(512, 0, rows=2, vocab=151936) == 64
+  # never above min(T, 128)
+  assert lp.default_chunk(8, 0, rows=1, vocab=10 ** 6) == 8
+
+
+def test_default_chunk_counts_rows_per_device():
+  from trm_jax import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    # 32 rows over data x fsdp = 4 -> 8 per device: as B 8 on one device
+    assert lp.default_chunk(128, 0, rows=32, vocab=32768) == 16

@@ -690,13 +690,17 @@ def test_alt_order_temp_memory_no_longer_scales_with_blocks():
 # ----------------------------------------------------------------------------- layer-scan hidden-state sharding
 
 
-def test_layer_scan_hidden_state_is_sharded_under_a_mesh():
+def test_layer_scan_hidden_state_is_sharded_under_a_mesh(monkeypatch):
   """Under a mesh context (the learner step traces under one) the remat residuals [L,B,S,D] are split
   over batch (data, fsdp) AND D over tensor: per device /8 instead of /2 on fsdp=2 x tensor=4 (temp
   31 -> 16 MiB at a larger shape when measured); without a mesh the constraint is the identity; the
   gradient is unchanged."""
   from trm_jax import sharding as sharding_lib
+  from trm_jax.models import layers
   from trm_jax.models.transformer import constrain_batch_axis
+  # What is measured is the residuals' sharding; CPU's weight-gradient form (layers.dense_last: a transposed
+  # copy of each projection's input, +1.2 MiB here under the mesh) is not, so the plain einsum form is used.
+  monkeypatch.setattr(layers, "WEIGHT_GRAD", "autodiff")
   x = jnp.ones((4, 3, 8))
   assert constrain_batch_axis(x) is x  # no mesh: CPU tests and the sampler are untouched
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
@@ -752,3 +756,40 @@ def test_query_blocks_give_the_same_logits_and_gradients(dense, attention):
   # The key / value gradients sum over the blocks in another order: float32 noise relative to the largest entry.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                                        atol=1e-6 * float(np.abs(np.asarray(b)).max())), g1, g0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_last_has_the_einsum_value_and_gradients(dtype):
+  # The reference is JAX's own autodiff of the plain einsum (dense_last replaces only the backward's form).
+  from trm_jax.models.layers import dense_last
+  x = jax.random.normal(jax.random.key(30), (3, 5, 16), jnp.float32).astype(dtype)
+  w = jax.random.normal(jax.random.key(31), (16, 24), jnp.float32).astype(dtype)
+  c = jax.random.normal(jax.random.key(32), (3, 5, 24), jnp.float32)
+  ours = lambda x, w: jnp.sum(dense_last(x, w).astype(jnp.float32) * c)
+  ref = lambda x, w: jnp.sum(jnp.einsum("...d,df->...f", x, w).astype(jnp.float32) * c)
+  np.testing.assert_array_equal(np.asarray(dense_last(x, w), np.float32),
+                                np.asarray(jnp.einsum("...d,df->...f", x, w), np.float32))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(ref, (0, 1)))(x, w)):
+    assert a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_model_gradient_is_the_same_with_either_weight_gradient_form(irregular, monkeypatch):
+  from trm_jax.models import layers
+  g, params = nnx.split(irregular)
+  tokens, valid = left_padded(jax.random.key(33), [11, 4, 7, 1, 9, 2, 8, 5], L)
+  pos = positions_from_valid(valid)
+  w = jax.random.normal(jax.random.key(34), (B, L, V))
+
+  def loss(params):
+    return jnp.sum(nnx.merge(g, params)(tokens, pos, valid, remat="full") * w * valid[..., None])
+
+  grads = {}
+  for form in ("autodiff", "transposed"):
+    monkeypatch.setattr(layers, "WEIGHT_GRAD", form)
+    grads[form] = jax.jit(jax.grad(loss))(params)  # a fresh jit per form: the flag is read at trace time
+  leaves = jax.tree.leaves(grads["transposed"])
+  assert any(float(jnp.abs(x).max()) > 1e-3 for x in leaves)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads["autodiff"], grads["transposed"])

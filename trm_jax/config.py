@@ -115,7 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
   #                             parameters, so the supervised warm start is skipped
 
   c.learner = ml_collections.ConfigDict()
-  c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = min(T, 128)
+  c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = auto (logprobs.default_chunk)
   c.learner.attention_block = 0  # queries per attention block (0 = all): scores [B, H, block, S], not [B, H, L, S]
   c.learner.remat = "full"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: what the backward
   # keeps of each layer (full: only its input; trm_jax/models REMAT_POLICIES); unless none, also recomputes

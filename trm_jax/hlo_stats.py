@@ -20,11 +20,11 @@ DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8
                "s16": 2, "u16": 2, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\(%?([\w.\-]*)")
-_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|"
+COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\(%?([\w.\-]*)")
+CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|true_computation|"
                      r"false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def _array_bytes(type_text: str) -> int:
@@ -61,28 +61,31 @@ def _moved(kind: str, result_bytes: int, n: int) -> float:
           "collective-permute": float(result_bytes)}[kind]
 
 
-def collective_bytes(hlo_text: str) -> dict[str, float]:
-  """Bytes moved per chip per execution, by collective kind (COLLECTIVES), loop bodies x trip count."""
-  body_of, current = collections.defaultdict(list), None
+def _bodies(hlo_text: str) -> tuple[str | None, dict[str, list[str]]]:
+  """(entry computation name, computation name -> its instruction lines)."""
+  body_of, current, entry = collections.defaultdict(list), None, None
   for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
+    m = COMPUTATION.match(line)
     if m:
       current = m.group(1)
       if line.lstrip().startswith("ENTRY"):
-        body_of["__entry__"] = current
+        entry = current
       continue
     if current is not None:
       body_of[current].append(line)
-  entry = body_of.pop("__entry__", None)
-  if entry is None:
-    return {k: 0.0 for k in COLLECTIVES}
-  # Executions of each computation: the entry once, a while body trip-count times per execution of its caller.
-  runs = collections.Counter({entry: 1})
-  order = [entry]
+  return entry, body_of
+
+
+def computation_runs(hlo_text: str) -> collections.Counter:
+  """Executions of each computation per execution of the module: the entry once, a while body
+  `known_trip_count` times per execution of its caller, any other callee once per call."""
+  entry, body_of = _bodies(hlo_text)
+  runs = collections.Counter({entry: 1} if entry else {})
+  order = [entry] if entry else []
   for name in order:
     for line in body_of.get(name, ()):
-      trip = _TRIP.search(line)
-      for role, listed, single in _CALLEE.findall(line):
+      trip = TRIP.search(line)
+      for role, listed, single in CALLEE.findall(line):
         callees = listed or single
         times = int(trip.group(1)) if (trip and role == "body") else 1
         for callee in re.findall(r"%?([\w.\-]+)", callees):
@@ -90,10 +93,19 @@ def collective_bytes(hlo_text: str) -> dict[str, float]:
             runs[callee] += runs[name] * times
             if callee not in order:
               order.append(callee)
+  return runs
+
+
+def collective_bytes(hlo_text: str) -> dict[str, float]:
+  """Bytes moved per chip per execution, by collective kind (COLLECTIVES), loop bodies x trip count."""
+  entry, body_of = _bodies(hlo_text)
+  if entry is None:
+    return {k: 0.0 for k in COLLECTIVES}
+  runs = computation_runs(hlo_text)
   out, start_groups = {k: 0.0 for k in COLLECTIVES}, {}
   for name, lines in body_of.items():
     for line in lines:
-      m = _INSTRUCTION.match(line)
+      m = INSTRUCTION.match(line)
       if not m:
         continue
       inst, result, op, operand = m.groups()

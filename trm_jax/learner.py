@@ -304,7 +304,8 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None, grad_shardings
                               numerics=learner_numerics(cfg), remat=cfg.learner.remat)
     logp, _ = lp.token_logp(model, h, mb["response"], numerics=learner_numerics(cfg),
                             temperature=cfg.rollout.temperature,
-                            chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size),
+                            chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size,
+                                                   rows=h.shape[0], vocab=model.cfg.vocab_size),
                             remat=cfg.learner.remat != "none", top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             rollout_side=rebuild_side(mb) if rebuild_side is not None else None)
     return policy_loss(cfg, logp, mb, denom)

@@ -11,6 +11,7 @@ hidden state that predicts response token t sits at position P - 1 + t for every
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -62,8 +63,32 @@ def map_chunks(fn: Callable, chunk: int, *arrays, remat: bool = False):
   return jax.tree.map(merge, out)
 
 
-def default_chunk(t: int, chunk_size: int) -> int:
-  return chunk_size if chunk_size > 0 else min(t, 128)
+# Auto time chunk: at most this many logits per device per chunk (16 MiB of float32 per [rows, C, V] array).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk(t: int, chunk_size: int, rows: int = 0, vocab: int = 0) -> int:
+  """The time chunk C of the per-token pass: `chunk_size` if > 0 (learner.chunk_size), else automatic.
+
+  Automatic: C = min(T, 128); given the pass's rows and vocabulary, when one [rows per device, C, V] chunk
+  would exceed CHUNK_ELEMENTS logits, C shrinks (powers of two) to fit it, but not below 128 rows x C per
+  device (the unembedding matmul's M). Why: the exact divergences stream each chunk 5 times and the backward
+  once more, so a chunk that outgrows the cache turns them memory-bound: at B 8, T 128, V 32768, d 256 on
+  2 CPU cores the exact update is 1.34x faster at C 16 than at 128, while B 2 (256 rows per chunk) is flat
+  (experiments/benchmarks/profile.py). Rows per device: `rows` over the batch axes of the current mesh.
+  """
+  if chunk_size > 0:
+    return chunk_size
+  c = min(t, 128)
+  if rows and vocab:
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+    per = -(-rows // shards)
+    if per * c * vocab > CHUNK_ELEMENTS:
+      fit = 1 << max(0, (CHUNK_ELEMENTS // (per * vocab)).bit_length() - 1)  # largest power of two that fits
+      floor = 1 << max(0, (-(-128 // per) - 1).bit_length())  # smallest power of two with per x C >= 128
+      c = min(c, max(fit, floor))
+  return c
 
 
 def token_logp(model, h, tokens, *, numerics, temperature: float, chunk: int, remat: bool = True,

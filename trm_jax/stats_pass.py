@@ -73,7 +73,8 @@ def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_log
   stats = lp.token_stats(learner, h if grad_logp else jax.lax.stop_gradient(h), tokens,
                          learner_numerics=numerics,
                          sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
-                         chunk=lp.default_chunk(T, cfg.learner.chunk_size),
+                         chunk=lp.default_chunk(T, cfg.learner.chunk_size, rows=h.shape[0],
+                                                vocab=learner.cfg.vocab_size),
                          rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat != "none")
   if packing is not None:
     stats = {k: pk_lib.unpack(v, packing, *batch.response.shape) for k, v in stats.items()}

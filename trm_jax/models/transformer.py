@@ -28,7 +28,8 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from trm_jax import sharding as sharding_lib
-from trm_jax.models.layers import DTYPES, LEARNER, MLP, Attention, Numerics, RMSNorm, param, write_rows
+from trm_jax.models.layers import (DTYPES, LEARNER, MLP, Attention, Numerics, RMSNorm, dense_last, param,
+                                  write_rows)
 from trm_jax.models.moe import MoE
 from trm_jax.models.presets import (  # noqa: F401  (re-exported)
     ARCHS, DEFAULT_MAX_LEN, DIM_FIELDS, HF_PRESETS, KINDS, MOE_PRESET, PRESETS, ModelConfig,
@@ -292,7 +293,7 @@ class Transformer(nnx.Module):
     """
     w = self.embed[...].T if self.cfg.tie_embeddings else self.unembedding[...]
     h = h.astype(numerics.act)
-    logits = jnp.einsum("...d,dv->...v", h, numerics.w(w)).astype(jnp.float32)
+    logits = dense_last(h, numerics.w(w)).astype(jnp.float32)  # its weight gradient: see dense_last
     if numerics.logit_noise_scale > 0:
       noise = logit_noise_matrix(self.cfg.d_model, self.cfg.vocab_size, numerics.logit_noise_df)
       logits = logits + numerics.logit_noise_scale * jnp.einsum(
