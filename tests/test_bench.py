@@ -55,6 +55,8 @@ def test_analytic_flops_counts_the_formula():
   assert fl["executed"] == model + 2 * n_layers * 3 * S + 2 * 80 * 3 * 5 + 4 * 2 * 3 * S * S * 2 * 4 + 2 * 80 * 3 * 5
   fused = bench_learner.analytic_flops(dims, V=10, B=3, P=2, T=5, fused=True)
   assert fused["executed"] == model + 2 * 80 * 3 * 5  # one forward: only the remat recompute on top
+  kept = bench_learner.analytic_flops(dims, V=10, B=3, P=2, T=5, fused=True, logits_remat=False)
+  assert kept["executed"] == model  # logits kept for the backward: nothing recomputed
 
 
 def test_interleave_rotates_the_order_each_round():

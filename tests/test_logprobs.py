@@ -165,3 +165,47 @@ def test_default_chunk_counts_rows_per_device():
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     # 32 rows over data x fsdp = 4 -> 8 per device: as B 8 on one device
     assert lp.default_chunk(128, 0, rows=32, vocab=32768) == 16
+
+
+def test_logits_remat_rule():
+  # always / never as named, whatever the size and learner.remat
+  assert lp.logits_remat("always", "none", 1, 1, 1) and not lp.logits_remat("never", "full", 64, 4096, 10 ** 6)
+  # auto: learner.remat none -> no recompute anywhere
+  assert not lp.logits_remat("auto", "none", 64, 4096, 151936)
+  # auto: 8 x 128 x 32768 = 2^25 logits: kept (the bench's peers shape); 9 rows exceed it: recomputed
+  assert not lp.logits_remat("auto", "full", 8, 128, 32768)
+  assert lp.logits_remat("auto", "full", 9, 128, 32768)
+  # 2 x 512 x 32000 = 32.8M <= 33.6M kept; 2 x 512 x 151936 recomputed
+  assert not lp.logits_remat("auto", "dots_saveable", 2, 512, 32000)
+  assert lp.logits_remat("auto", "full", 2, 512, 151936)
+  with pytest.raises(ValueError, match="learner.logits_remat"):
+    lp.logits_remat("sometimes", "full", 1, 1, 1)
+
+
+def test_logits_remat_counts_rows_per_device():
+  from trm_jax import sharding as sharding_lib
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    # 32 rows over data x fsdp = 4 -> 8 per device: 2^25 logits, kept; 36 -> 9 per device: recomputed
+    assert not lp.logits_remat("auto", "full", 32, 128, 32768)
+    assert lp.logits_remat("auto", "full", 36, 128, 32768)
+
+
+@pytest.mark.parametrize("sampling", [(1.0, 1.0, 0), (0.8, 0.9, 5)])
+def test_chunk_logit_recompute_gives_the_same_gradient(data, sampling):
+  """The backward with each chunk's logits recomputed (remat) and with them kept: the same gradient of the
+  learner log-probs w.r.t. h and W (float32), and only the remat version has a checkpoint in its jaxpr."""
+  h, w, w2, tok = data
+  ct = np.random.default_rng(1).normal(0, 1, (B, T)).astype(np.float32)
+
+  def loss(h, w, remat):
+    logp, ent = lp.token_logp(_Unembed(w), h, tok, numerics=LEARNER, temperature=sampling[0], chunk=4,
+                              remat=remat, top_p=sampling[1], top_k=sampling[2], rollout_side=("stored", h @ w2))
+    return jnp.sum(logp * ct)
+
+  grads = {r: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(h, w, r) for r in (True, False)}
+  for a, b in zip(grads[True], grads[False]):
+    assert np.abs(np.asarray(a)).max() > 0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  jaxpr = lambda r: str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(h, w, r))
+  assert "remat" in jaxpr(True) and "remat" not in jaxpr(False)

@@ -41,7 +41,8 @@ ALLOWED_CHANGES = (
     "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "checkpoint.max_consecutive_skips",
     "data.data_dir", "data.math_manual_dir", "data.num_threads", "data.prefetch",
     "mesh.*", "distributed.*",  # orbax reshards on restore: the global shapes do not depend on the mesh
-    "learner.chunk_size", "learner.remat", "learner.microbatches",  # memory layout of the same computation
+    # memory layout of the same computation:
+    "learner.chunk_size", "learner.remat", "learner.logits_remat", "learner.microbatches",
     "rollout.microbatches", "rollout.slots",  # the same samples (each response keyed by its row), other batching
     "bounds.certify_update",  # extra logged metrics only
 )

@@ -118,8 +118,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.learner.chunk_size = 0  # time-chunk of the chunked log-prob/divergence pass; 0 = auto (logprobs.default_chunk)
   c.learner.attention_block = 0  # queries per attention block (0 = all): scores [B, H, block, S], not [B, H, L, S]
   c.learner.remat = "full"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: what the backward
-  # keeps of each layer (full: only its input; trm_jax/models REMAT_POLICIES); unless none, also recomputes
-  # each chunk's logits (memory: one chunk)
+  # keeps of each layer (full: only its input; trm_jax/models REMAT_POLICIES)
+  c.learner.logits_remat = "auto"  # auto | always | never: the backward recomputes each time chunk's logits
+  # (memory: one chunk) instead of keeping them; auto = only when learner.remat != none and rows per device
+  # x T x V > 2^25 logits (logprobs.logits_remat: below that, keeping them is 1.06-1.09x faster on CPU)
   c.learner.dtype = "float32"  # learner activations/weights: float32 | bfloat16 (master params stay float32)
   c.learner.fuse = True  # epochs = minibatches = 1: one learner forward for statistics AND gradient
   # Gradient accumulation: each optimizer step's gradient is computed in this many sequential slices of its
@@ -309,6 +311,7 @@ def _validate_learner_rollout_optim(config):
   _check(config.warmstart.steps >= 0, "warmstart.steps", "must be >= 0")
   _one_of(config, "learner.dtype", ("float32", "bfloat16"))
   _one_of(config, "learner.remat", ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"))
+  _one_of(config, "learner.logits_remat", ("auto", "always", "never"))
   _check(config.rl.ratio_base == "learner" or config.baseline.kind not in masking.IS_BASELINES, "rl.ratio_base",
          f"is 'rollout' but baseline.kind={config.baseline.kind!r} is an IS weight pi/pi_roll: the ratio would be "
          "applied twice; use rl.ratio_base='learner' (decoupled PPO: the IS weight corrects rollout -> proximal)")

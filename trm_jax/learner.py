@@ -30,8 +30,8 @@ from trm_jax.guard import GUARD_KEYS, all_finite, guarded_update  # noqa: F401 (
 from trm_jax import sharding as sharding_lib
 from trm_jax.rollout.backends import RolloutBackend
 from trm_jax.rollout.batch import RolloutBatch
-from trm_jax.stats_pass import (learner_numerics, learner_stats, rollout_side, sliced_stats,  # noqa: F401
-                               split_side, truncated)
+from trm_jax.stats_pass import (chunk_remat, learner_numerics, learner_stats, rollout_side,  # noqa: F401
+                               sliced_stats, split_side, truncated)
 
 @flax.struct.dataclass
 class TrainState:
@@ -302,11 +302,12 @@ def _make_minibatch_update(cfg, model_def, tx, rebuild_side=None, grad_shardings
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
                               numerics=learner_numerics(cfg), remat=cfg.learner.remat)
+    T, V = mb["response"].shape[1], model.cfg.vocab_size
     logp, _ = lp.token_logp(model, h, mb["response"], numerics=learner_numerics(cfg),
                             temperature=cfg.rollout.temperature,
-                            chunk=lp.default_chunk(mb["response"].shape[1], cfg.learner.chunk_size,
-                                                   rows=h.shape[0], vocab=model.cfg.vocab_size),
-                            remat=cfg.learner.remat != "none", top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            chunk=lp.default_chunk(T, cfg.learner.chunk_size, rows=h.shape[0], vocab=V),
+                            remat=chunk_remat(cfg, h.shape[0], T, V), top_p=cfg.rollout.top_p,
+                            top_k=cfg.rollout.top_k,
                             rollout_side=rebuild_side(mb) if rebuild_side is not None else None)
     return policy_loss(cfg, logp, mb, denom)
 

@@ -32,6 +32,11 @@ def learner_numerics(cfg) -> Numerics:
   return Numerics(dtype=cfg.learner.dtype, weight_dtype=cfg.learner.dtype, query_block=block)
 
 
+def chunk_remat(cfg, rows: int, t: int, vocab: int) -> bool:
+  """Whether this pass's backward recomputes each chunk's logits (learner.logits_remat, learner.remat)."""
+  return lp.logits_remat(cfg.learner.get("logits_remat", "auto"), cfg.learner.remat, rows, t, vocab)
+
+
 def rollout_side(cfg, model_def, rollout_params, batch: RolloutBatch, backend: RolloutBackend, packing=None):
   """How token_stats gets the rollout distribution (trm.source), plus the rollout forward's aux.
   `packing` (a packing.Packing): the recompute forward runs on the packed rows; the side stays padded
@@ -75,7 +80,8 @@ def learner_stats(cfg, learner, batch: RolloutBatch, side, aux_roll, *, grad_log
                          sampling=(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k),
                          chunk=lp.default_chunk(T, cfg.learner.chunk_size, rows=h.shape[0],
                                                 vocab=learner.cfg.vocab_size),
-                         rollout_side=side, grad_logp=grad_logp, remat=cfg.learner.remat != "none")
+                         rollout_side=side, grad_logp=grad_logp,
+                         remat=chunk_remat(cfg, h.shape[0], T, learner.cfg.vocab_size))
   if packing is not None:
     stats = {k: pk_lib.unpack(v, packing, *batch.response.shape) for k, v in stats.items()}
   extra = {}

@@ -30,9 +30,10 @@ def make_sft_step(run):
     model = model_def.merge(params)
     h, _ = lp.response_hidden(model, batch["prompt"], batch["prompt_mask"], batch["target"],
                               batch["target_mask"], numerics=numerics, remat=cfg.learner.remat)
-    chunk = lp.default_chunk(batch["target"].shape[1], cfg.learner.chunk_size)
+    T, V = batch["target"].shape[1], model.cfg.vocab_size
+    chunk = lp.default_chunk(T, cfg.learner.chunk_size, rows=h.shape[0], vocab=V)
     logp, _ = lp.token_logp(model, h, batch["target"], numerics=numerics, temperature=1.0, chunk=chunk,
-                            remat=cfg.learner.remat != "none")
+                            remat=learner_lib.chunk_remat(cfg, h.shape[0], T, V))
     m = batch["target_mask"].astype(jnp.float32)
     return -(logp * m).sum() / jnp.maximum(m.sum(), 1.0)
 

@@ -245,14 +245,16 @@ def is_fused(cfg) -> bool:
   return bool(cfg.learner.get("fuse", False)) and cfg.rl.epochs * cfg.rl.minibatches == 1
 
 
-def analytic_flops(dims: dict, V: int, B: int, P: int, T: int, fused: bool = False) -> dict:
+def analytic_flops(dims: dict, V: int, B: int, P: int, T: int, fused: bool = False,
+                   logits_remat: bool = True) -> dict:
   """FLOPs of one learner update (1 epoch, any number of minibatches), counted from the shapes.
 
   N_layers = matmul params of the blocks; N_unembed = D*V; S = P + T (the blocks see prompt + response,
   the unembedding only the T response positions). Attention as implemented (full S x S scores, no causal
   skipping): forward 4*S^2*H*Dh per layer per sequence.
     model (MFU convention)  = 6*N_layers*B*S + 6*N_unembed*B*T + 12*L*B*S^2*H*Dh
-    executed                = model + remat recompute of the chunked logits (2*N_unembed*B*T)
+    executed                = model + with logits_remat (learner.logits_remat) the backward's recompute of
+                              the chunked logits (2*N_unembed*B*T)
                               + unless fused: the pre-update no-grad forward (2*N_layers*B*S + 2*N_unembed*B*T
                               + 4*L*B*S^2*H*Dh)
   (fused = learner.fuse with 1 epoch x 1 minibatch: one forward serves the statistics and the gradient.)
@@ -264,7 +266,7 @@ def analytic_flops(dims: dict, V: int, B: int, P: int, T: int, fused: bool = Fal
   attn_fwd = 4 * L * B * S * S * H * Dh
   model = 6 * n_layers * B * S + 6 * n_unembed * B * T + 3 * attn_fwd
   pre = 2 * n_layers * B * S + 2 * n_unembed * B * T + attn_fwd
-  remat = 2 * n_unembed * B * T
+  remat = 2 * n_unembed * B * T if logits_remat else 0
   return {"model": float(model), "executed": float(model + (0 if fused else pre) + remat),
           "n_layers_params": n_layers, "n_unembed_params": n_unembed, "fused": fused}
 
@@ -298,7 +300,8 @@ def bench_throughput(shape: dict, repeats: int, peak: dict) -> dict:
   times = interleave({"learner": st, "matmul": lambda: f(a, a).block_until_ready()}, repeats, "throughput")
   t = float(statistics.median(times["learner"]))
   local_peak = max(peak["flops_per_s"], 2 * n ** 3 / min(times["matmul"]))
-  fl = analytic_flops(dims, V, B, P, T, fused=is_fused(cfg))
+  fl = analytic_flops(dims, V, B, P, T, fused=is_fused(cfg),
+                      logits_remat=lp.logits_remat(cfg.learner.logits_remat, cfg.learner.remat, B, T, V))
   tokens = B * (P + T)
   out = {"shape": shape, "median_step_s": t, "tokens_per_s": tokens / t, "response_tokens_per_s": B * T / t,
          "flops_analytic_executed": fl["executed"], "flops_analytic_model": fl["model"],
