@@ -125,13 +125,26 @@ def _git() -> dict:
     return {}
 
 
+def _cpu_model() -> str:
+  """The host CPU's model name and vector extensions: the peer ratios depend on them (XLA:CPU vs oneDNN)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return platform.processor() or "unknown"
+  name = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
+  flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+  vec = sorted(f for f in flags if f.startswith(("avx512f", "avx2", "amx")))
+  return f"{name} ({' '.join(vec)})" if vec else name
+
+
 def environment() -> dict:
   dev = jax.devices()[0]
   learner_defaults = config_lib.default_config().learner.to_dict()
   return {"git": _git(), "learner_defaults": learner_defaults, "jax": jax.__version__,
           "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
           "n_devices": len(jax.devices()), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-          "machine": platform.machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+          "machine": platform.machine(), "cpu_model": _cpu_model(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
@@ -140,7 +153,8 @@ def run(mode: str = "quick", parts=PARTS, with_hf: bool = True) -> dict:
   env = environment()
   gpu = env["backend"] == "gpu"
   res = {"mode": mode, "env": env, **{k: None for k in PUBLIC_KEYS}}
-  log(f"mode={mode} backend={env['backend']} device={env['device']} jax={env['jax']} cpus={env['cpu_count']}")
+  log(f"mode={mode} backend={env['backend']} device={env['device']} jax={env['jax']} cpus={env['cpu_count']} "
+      f"cpu={env['cpu_model']}")
   if gpu:
     log("GPU backend: the peak is measured in float32 and bfloat16; the learner row reports both fractions")
   else:
