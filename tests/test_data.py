@@ -165,3 +165,34 @@ def test_default_config_and_errors(data_dir):
     pipeline.make_iterator(_cfg(data_dir), "train", batch_size=8, seed=0, noise=1.5)
   with pytest.raises(ValueError, match="batch_size=100"):
     pipeline.make_iterator(_cfg(data_dir), "test", batch_size=100, seed=0)
+
+
+_CONCURRENT_BUILD = """
+import os, sys, time
+from trm_jax.data import pipeline
+c = pipeline.default_data_config()
+c.update(dict(task="addition", horizon=64, data_dir=sys.argv[1], num_train=400, num_eval=100))
+open(sys.argv[2], "w").close()  # ready
+while not os.path.exists(sys.argv[3]):
+  time.sleep(0.01)
+print(len(pipeline.data_source(c, "train")))
+"""
+
+
+def test_processes_started_together_build_one_dataset(tmp_path):
+  """Two processes opening the same missing dataset at once: both get it (TFDS alone fails the second's
+  rename of its finished build into place: FileExistsError)."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  go = tmp_path / "go"
+  procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_BUILD, str(tmp_path / "tfds"),
+                             str(tmp_path / f"ready{i}"), str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.time() + 120
+  while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+    time.sleep(0.05)
+  go.touch()
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "400"

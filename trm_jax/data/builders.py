@@ -11,7 +11,10 @@ other: for the default sizes a collision is astronomically unlikely except at th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import os
 import zlib
 
 import numpy as np
@@ -115,7 +118,27 @@ def build(task: str, horizon: int, data_dir: str, *, num_train: int = DEFAULT_NU
   """Builds the (task, horizon) dataset into `data_dir` if it is not there yet; returns the builder."""
   config = config_arg(task, horizon, size=size, min_size=min_size, num_train=num_train,
                       num_eval=num_eval)
-  builder = TrmTasks(config=config, data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with build_lock(data_dir):
+    builder = TrmTasks(config=config, data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
+
+
+@contextlib.contextmanager
+def build_lock(data_dir: str | None):
+  """An exclusive lock on `data_dir` (a file lock, across processes) while a dataset is looked up or built.
+
+  Why: several processes started at once on an empty cache (the paper's launcher runs seeds in parallel,
+  every host of a pod builds its own copy) would each build the same dataset into its own temporary
+  directory, and all but the first fail when TFDS renames theirs into place. Under the lock the first
+  builds, the others find the finished dataset and only read it.
+  """
+  root = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".trm_tasks.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

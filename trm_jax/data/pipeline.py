@@ -76,11 +76,12 @@ def data_source(data_cfg, split: str):
   c = data_cfg
   config = builders.config_arg(c.task, c.horizon, size=c.size, min_size=c.min_size,
                                num_train=c.num_train, num_eval=c.num_eval)
-  return tfds.data_source(
-      "trm_tasks", split=split, data_dir=c.data_dir or None, download=True,
-      builder_kwargs={"config": config},
-      download_and_prepare_kwargs={
-          "download_config": tfds.download.DownloadConfig(try_download_gcs=False)})
+  with builders.build_lock(c.data_dir or None):  # processes started together build it once
+    return tfds.data_source(
+        "trm_tasks", split=split, data_dir=c.data_dir or None, download=True,
+        builder_kwargs={"config": config},
+        download_and_prepare_kwargs={
+            "download_config": tfds.download.DownloadConfig(try_download_gcs=False)})
 
 
 class _Rows:
